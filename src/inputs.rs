@@ -1,0 +1,480 @@
+//! The files a config refers to: the CA, the check's credential and the
+//! stats password, read and checked once per render.
+//!
+//! This is the only step of rendering that touches the filesystem. What it
+//! returns ([`Inputs`]) plus the [`Config`] fully determines the rendered
+//! haproxy.cfg, which keeps [`crate::render`] pure and deterministic.
+//!
+//! The `auto` credential mode and the bootstrap rule live here: before a
+//! node has joined the cluster it has no credential and often no CA yet, so
+//! the check can only prove that an API server answers. That state is
+//! reported (`bootstrap`), never hidden, and a credential is never sent to a
+//! server whose certificate is not verified.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use sha2::{Digest, Sha256};
+
+use crate::config::{AuthMode, Config};
+
+/// A secret value. Its `Debug` and `Display` never print the content.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret string.
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    /// The secret itself; call only where it is written to a 0600 file or
+    /// sent to the server it is meant for.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// A file referenced by the config is missing, unreadable or malformed.
+#[derive(Debug, thiserror::Error)]
+#[error("{field}: {}: {problem}", path.display())]
+pub struct InputError {
+    /// The config field that names the file, e.g. `health.tls.ca_file`.
+    pub field: String,
+    /// The file.
+    pub path: PathBuf,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+/// How the check verifies the API server's certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verify {
+    /// Against this CA bundle.
+    Ca {
+        /// The CA file HAProxy loads.
+        path: PathBuf,
+        /// SHA-256 of its content, so a changed CA changes the rendered
+        /// config and triggers a reload.
+        digest: String,
+    },
+    /// Not at all, because the user set `insecure_skip_verify`.
+    Insecure,
+    /// Not at all, because `auto` found no CA yet (bootstrap).
+    BootstrapNoCa,
+}
+
+/// The credential the check presents.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Credential {
+    /// None.
+    Anonymous,
+    /// `Authorization: Bearer …`.
+    Bearer {
+        /// The token.
+        token: Secret,
+        /// Where it was read from.
+        path: PathBuf,
+    },
+    /// A client certificate, presented on the check's TLS handshake.
+    ClientCert {
+        /// Certificate chain followed by the key, as HAProxy's `crt` wants.
+        bundle: Secret,
+        /// SHA-256 of the bundle; names the file written for HAProxy.
+        digest: String,
+        /// Where the certificate was read from.
+        cert_path: PathBuf,
+    },
+}
+
+impl Credential {
+    /// Short name for logs, metrics and status.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Credential::Anonymous => "none",
+            Credential::Bearer { .. } => "bearer",
+            Credential::ClientCert { .. } => "client_cert",
+        }
+    }
+}
+
+/// The check's resolved TLS verification and credential.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckAuth {
+    /// Certificate verification.
+    pub verify: Verify,
+    /// What is presented to the server.
+    pub credential: Credential,
+    /// True when no credential could be used, so 401/403 also count as
+    /// "alive" (the node has not joined yet). Only in `auto` mode.
+    pub bootstrap: bool,
+    /// Where the credential came from, in words (e.g. `k3s-agent
+    /// (/var/lib/rancher/k3s/agent/client-kubelet.crt)`).
+    pub source: String,
+    /// Things `apilb check` should tell the user (files not found, a
+    /// credential ignored for lack of a CA).
+    pub notes: Vec<String>,
+}
+
+impl CheckAuth {
+    /// The mode in effect, for metrics and status: the credential kind, or
+    /// `bootstrap`.
+    pub fn mode_in_use(&self) -> &'static str {
+        if self.bootstrap {
+            "bootstrap"
+        } else {
+            self.credential.kind()
+        }
+    }
+}
+
+/// Everything read from disk for one render.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Inputs {
+    /// The check's verification and credential.
+    pub check: CheckAuth,
+    /// The stats password, when `stats.auth` is configured.
+    pub stats_password: Option<Secret>,
+}
+
+impl Inputs {
+    /// Reads every file the config refers to.
+    pub fn gather(config: &Config) -> Result<Inputs, InputError> {
+        let stats_password = match config.stats.as_ref().and_then(|s| s.auth.as_ref()) {
+            Some(auth) => Some(read_password(&auth.password_file)?),
+            None => None,
+        };
+        Ok(Inputs {
+            check: resolve_check(config)?,
+            stats_password,
+        })
+    }
+}
+
+fn io_err(field: &str, path: &Path, e: std::io::Error) -> InputError {
+    let problem = match e.kind() {
+        std::io::ErrorKind::NotFound => "no such file".to_owned(),
+        std::io::ErrorKind::PermissionDenied => {
+            "permission denied (apilb runs as root under systemd; \
+                                                 check the file's owner and mode)"
+                .to_owned()
+        }
+        _ => e.to_string(),
+    };
+    InputError {
+        field: field.to_owned(),
+        path: path.to_owned(),
+        problem,
+    }
+}
+
+fn bad(field: &str, path: &Path, problem: impl Into<String>) -> InputError {
+    InputError {
+        field: field.to_owned(),
+        path: path.to_owned(),
+        problem: problem.into(),
+    }
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    let digest = Sha256::digest(data);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Reads a CA bundle and checks that it holds at least one certificate.
+fn read_ca(field: &str, path: &Path) -> Result<Verify, InputError> {
+    let data = std::fs::read(path).map_err(|e| io_err(field, path, e))?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&data)
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad(field, path, format!("is not valid PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(bad(field, path, "holds no PEM certificate"));
+    }
+    Ok(Verify::Ca {
+        path: path.to_owned(),
+        digest: sha256_hex(&data),
+    })
+}
+
+/// Reads a bearer token: one line of visible ASCII.
+fn read_token(field: &str, path: &Path) -> Result<Secret, InputError> {
+    let data = std::fs::read_to_string(path).map_err(|e| io_err(field, path, e))?;
+    let token = data.trim();
+    if token.is_empty() {
+        return Err(bad(field, path, "is empty"));
+    }
+    if !token
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+    {
+        return Err(bad(
+            field,
+            path,
+            "holds characters a bearer token cannot contain (whitespace, quotes, '\\' or non-ASCII)",
+        ));
+    }
+    Ok(Secret::new(token))
+}
+
+/// Reads a stats password: one line of printable ASCII.
+fn read_password(path: &Path) -> Result<Secret, InputError> {
+    const FIELD: &str = "stats.auth.password_file";
+    let data = std::fs::read_to_string(path).map_err(|e| io_err(FIELD, path, e))?;
+    let pw = data.strip_suffix('\n').unwrap_or(&data);
+    let pw = pw.strip_suffix('\r').unwrap_or(pw);
+    if pw.is_empty() {
+        return Err(bad(FIELD, path, "is empty"));
+    }
+    if !pw.bytes().all(|b| b == b' ' || b.is_ascii_graphic()) {
+        return Err(bad(FIELD, path, "must hold one line of printable ASCII"));
+    }
+    Ok(Secret::new(pw))
+}
+
+/// Reads a client certificate and its key (from `key` or from the cert
+/// file itself) and returns the bundle HAProxy's `crt` expects.
+fn read_client_cert(
+    cert_field: &str,
+    cert: &Path,
+    key_field: &str,
+    key: Option<&Path>,
+) -> Result<Credential, InputError> {
+    let cert_pem = std::fs::read(cert).map_err(|e| io_err(cert_field, cert, e))?;
+    let chain: Vec<_> = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad(cert_field, cert, format!("is not valid PEM: {e}")))?;
+    if chain.is_empty() {
+        return Err(bad(cert_field, cert, "holds no PEM certificate"));
+    }
+    let (key_pem, key_path, key_field) = match key {
+        Some(k) => (
+            std::fs::read(k).map_err(|e| io_err(key_field, k, e))?,
+            k,
+            key_field,
+        ),
+        None => (cert_pem.clone(), cert, cert_field),
+    };
+    if PrivateKeyDer::from_pem_slice(&key_pem).is_err() {
+        let hint = if key.is_none() {
+            " (set key_file when the key is in its own file)"
+        } else {
+            ""
+        };
+        return Err(bad(
+            key_field,
+            key_path,
+            format!("holds no PEM private key{hint}"),
+        ));
+    }
+    let mut bundle = String::from_utf8_lossy(&cert_pem).into_owned();
+    if key.is_some() {
+        if !bundle.ends_with('\n') {
+            bundle.push('\n');
+        }
+        bundle.push_str(&String::from_utf8_lossy(&key_pem));
+    }
+    let digest = sha256_hex(bundle.as_bytes());
+    Ok(Credential::ClientCert {
+        bundle: Secret::new(bundle),
+        digest,
+        cert_path: cert.to_owned(),
+    })
+}
+
+fn resolve_check(config: &Config) -> Result<CheckAuth, InputError> {
+    let tls = &config.health.tls;
+    let auth = &config.health.auth;
+    let explicit_verify = || -> Result<Verify, InputError> {
+        match &tls.ca_file {
+            Some(ca) => read_ca("health.tls.ca_file", ca),
+            None => Ok(Verify::Insecure),
+        }
+    };
+    let fixed = |verify: Verify, credential: Credential, source: String| CheckAuth {
+        verify,
+        credential,
+        bootstrap: false,
+        source,
+        notes: Vec::new(),
+    };
+    match auth.mode {
+        AuthMode::None => Ok(fixed(
+            explicit_verify()?,
+            Credential::Anonymous,
+            "none".into(),
+        )),
+        AuthMode::Bearer => {
+            let path = auth.token_file.as_deref().unwrap_or(Path::new(""));
+            let token = read_token("health.auth.token_file", path)?;
+            let source = format!("token file {}", path.display());
+            Ok(fixed(
+                explicit_verify()?,
+                Credential::Bearer {
+                    token,
+                    path: path.to_owned(),
+                },
+                source,
+            ))
+        }
+        AuthMode::ClientCert => {
+            let cert = auth.cert_file.as_deref().unwrap_or(Path::new(""));
+            let cred = read_client_cert(
+                "health.auth.cert_file",
+                cert,
+                "health.auth.key_file",
+                auth.key_file.as_deref(),
+            )?;
+            Ok(fixed(
+                explicit_verify()?,
+                cred,
+                format!("certificate {}", cert.display()),
+            ))
+        }
+        AuthMode::Auto => resolve_auto(config),
+    }
+}
+
+/// `auto`: the configured files first, then the well-known locations; the
+/// first credential that exists wins. Files that exist but are broken are
+/// errors, not skipped: silently falling through to another identity would
+/// hide a real problem.
+fn resolve_auto(config: &Config) -> Result<CheckAuth, InputError> {
+    let tls = &config.health.tls;
+    let auth = &config.health.auth;
+    let mut notes = Vec::new();
+
+    // The CA: configured, else taken from the well-known entry that
+    // provided the credential.
+    let configured_ca = match &tls.ca_file {
+        Some(ca) if ca.exists() => Some(read_ca("health.tls.ca_file", ca)?),
+        Some(ca) => {
+            notes.push(format!(
+                "health.tls.ca_file {} does not exist (yet)",
+                ca.display()
+            ));
+            None
+        }
+        None if tls.insecure_skip_verify => Some(Verify::Insecure),
+        None => None,
+    };
+
+    let mut found: Option<(Credential, String, Option<Verify>)> = None;
+    if let Some(cert) = &auth.cert_file {
+        if cert.exists() {
+            let cred = read_client_cert(
+                "health.auth.cert_file",
+                cert,
+                "health.auth.key_file",
+                auth.key_file.as_deref(),
+            )?;
+            found = Some((cred, format!("certificate {}", cert.display()), None));
+        } else {
+            notes.push(format!(
+                "health.auth.cert_file {} does not exist (yet)",
+                cert.display()
+            ));
+        }
+    }
+    if let (None, Some(tok)) = (&found, &auth.token_file) {
+        if tok.exists() {
+            let token = read_token("health.auth.token_file", tok)?;
+            let cred = Credential::Bearer {
+                token,
+                path: tok.clone(),
+            };
+            found = Some((cred, format!("token file {}", tok.display()), None));
+        } else {
+            notes.push(format!(
+                "health.auth.token_file {} does not exist (yet)",
+                tok.display()
+            ));
+        }
+    }
+    if found.is_none() {
+        for (i, wk) in auth.well_known.iter().enumerate() {
+            if !wk.cert_file.exists() {
+                continue;
+            }
+            let field = format!("health.auth.well_known[{i}]");
+            let cred = read_client_cert(
+                &format!("{field}.cert_file"),
+                &wk.cert_file,
+                &format!("{field}.key_file"),
+                wk.key_file.as_deref(),
+            )?;
+            let ca = match &wk.ca_file {
+                Some(ca) if ca.exists() => Some(read_ca(&format!("{field}.ca_file"), ca)?),
+                _ => None,
+            };
+            found = Some((
+                cred,
+                format!("{} ({})", wk.name, wk.cert_file.display()),
+                ca,
+            ));
+            break;
+        }
+    }
+
+    match found {
+        Some((credential, source, paired_ca)) => match configured_ca.or(paired_ca) {
+            Some(verify) => Ok(CheckAuth {
+                verify,
+                credential,
+                bootstrap: false,
+                source,
+                notes,
+            }),
+            None => {
+                notes.push(format!(
+                    "found {source} but no CA to verify the API servers with; the credential is not \
+                     sent to unverified servers. Set health.tls.ca_file"
+                ));
+                Ok(bootstrap(Verify::BootstrapNoCa, notes))
+            }
+        },
+        None => {
+            notes.push(
+                "no credential found (the node has probably not joined yet): checks accept \
+                 401/403 as \"alive, readiness unknown\" until one appears"
+                    .into(),
+            );
+            let verify = match configured_ca {
+                Some(v) => v,
+                None => first_existing_ca(config)?.unwrap_or(Verify::BootstrapNoCa),
+            };
+            Ok(bootstrap(verify, notes))
+        }
+    }
+}
+
+fn first_existing_ca(config: &Config) -> Result<Option<Verify>, InputError> {
+    for (i, wk) in config.health.auth.well_known.iter().enumerate() {
+        if let Some(ca) = wk.ca_file.as_deref().filter(|p| p.exists()) {
+            return read_ca(&format!("health.auth.well_known[{i}].ca_file"), ca).map(Some);
+        }
+    }
+    Ok(None)
+}
+
+fn bootstrap(verify: Verify, notes: Vec<String>) -> CheckAuth {
+    CheckAuth {
+        verify,
+        credential: Credential::Anonymous,
+        bootstrap: true,
+        source: "no usable credential yet".into(),
+        notes,
+    }
+}

@@ -1,0 +1,379 @@
+//! Turns a [`Config`] and its [`Inputs`] into haproxy.cfg.
+//!
+//! Rendering is pure: no I/O, no clock, no randomness, so the same input
+//! always gives byte-identical output and the same [`Rendered::hash`]. The
+//! hash is what the agent compares to decide whether a reload is needed and
+//! what `apilb_config_info` exports.
+//!
+//! The server parameters of a master come from [`server_params`] alone, so
+//! the template and any runtime `add server` use exactly the same check.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use askama::Template;
+use sha2::{Digest, Sha256};
+
+use crate::config::{Balance, Config, Master};
+use crate::inputs::{Credential, Inputs, Secret, Verify};
+
+/// Name of the HAProxy backend holding the masters.
+pub const BACKEND: &str = "masters";
+/// Name of the HAProxy frontend on `listen`.
+pub const FRONTEND: &str = "apiserver";
+/// Suffix of each master's unchecked fail-open twin. `:` cannot appear in a
+/// master's own name, so the two never collide.
+pub const FALLBACK_SUFFIX: &str = ":fallback";
+
+/// Files apilb keeps in the runtime and state directories.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Paths {
+    /// Runtime directory (sockets, pidfile, rendered config).
+    pub runtime_dir: PathBuf,
+    /// State directory (server state across reloads).
+    pub state_dir: PathBuf,
+}
+
+impl Paths {
+    /// The directories named in the config.
+    pub fn from_config(config: &Config) -> Self {
+        Paths {
+            runtime_dir: config.haproxy.runtime_dir.clone(),
+            state_dir: config.haproxy.state_dir.clone(),
+        }
+    }
+    /// The haproxy.cfg HAProxy runs.
+    pub fn config_file(&self) -> PathBuf {
+        self.runtime_dir.join("haproxy.cfg")
+    }
+    /// The master CLI socket (`-S`).
+    pub fn master_socket(&self) -> PathBuf {
+        self.runtime_dir.join("master.sock")
+    }
+    /// The worker's admin stats socket (runtime API).
+    pub fn stats_socket(&self) -> PathBuf {
+        self.runtime_dir.join("haproxy.sock")
+    }
+    /// The master's pidfile (`-p`).
+    pub fn pidfile(&self) -> PathBuf {
+        self.runtime_dir.join("haproxy.pid")
+    }
+    /// The datagram socket apilb receives HAProxy's logs on.
+    pub fn log_socket(&self) -> PathBuf {
+        self.runtime_dir.join("log.sock")
+    }
+    /// The server state HAProxy reloads with (`server-state-file`).
+    pub fn server_state_file(&self) -> PathBuf {
+        self.state_dir.join("servers.state")
+    }
+    /// Where a client-certificate bundle with this digest is written.
+    pub fn client_bundle(&self, digest: &str) -> PathBuf {
+        self.runtime_dir
+            .join(format!("check-client-{}.pem", &digest[..16]))
+    }
+}
+
+/// A file the rendered config refers to and that must be written (0600)
+/// before HAProxy reads the config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuxFile {
+    /// Where it goes.
+    pub path: PathBuf,
+    /// Its content (a key is inside, so it is a secret).
+    pub contents: Secret,
+}
+
+/// The output of a render.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rendered {
+    /// The complete haproxy.cfg, secrets included.
+    pub text: String,
+    /// SHA-256 of `text`, hex.
+    pub hash: String,
+    /// Files that must exist next to it.
+    pub aux_files: Vec<AuxFile>,
+    /// Secret values present in `text`, for redaction.
+    secrets: Vec<String>,
+}
+
+impl Rendered {
+    /// The first 12 hex digits of the hash, for humans.
+    pub fn short_hash(&self) -> &str {
+        &self.hash[..12]
+    }
+
+    /// The config with every secret replaced by `<redacted>`.
+    pub fn redacted(&self) -> String {
+        self.redact(&self.text)
+    }
+
+    /// Removes this config's secrets from any text (e.g. HAProxy's output).
+    pub fn redact(&self, text: &str) -> String {
+        let mut out = text.to_owned();
+        for s in &self.secrets {
+            out = out.replace(s.as_str(), "<redacted>");
+        }
+        out
+    }
+}
+
+/// What the check sends and how it verifies, shared by every server line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckPlan {
+    /// `ca-file …` / `verify none` and `check-sni`.
+    tls: String,
+    /// ` crt …` when a client certificate is used.
+    crt: String,
+    /// `inter … rise … fall …`.
+    timing: String,
+}
+
+impl CheckPlan {
+    fn new(config: &Config, inputs: &Inputs, paths: &Paths) -> Self {
+        let sni = config.health.tls.server_name();
+        let tls = match &inputs.check.verify {
+            Verify::Ca { path, .. } => {
+                format!("verify required ca-file {} check-sni {sni}", path.display())
+            }
+            Verify::Insecure | Verify::BootstrapNoCa => format!("verify none check-sni {sni}"),
+        };
+        let crt = match &inputs.check.credential {
+            Credential::ClientCert { digest, .. } => {
+                format!(" crt {}", paths.client_bundle(digest).display())
+            }
+            _ => String::new(),
+        };
+        let h = &config.health;
+        let timing = format!("inter {} rise {} fall {}", h.interval, h.rise, h.fall);
+        CheckPlan { tls, crt, timing }
+    }
+}
+
+/// The parameters of a master's checked `server` line (everything after the
+/// address). The runtime API's `add server` must use exactly this.
+pub fn server_params(plan: &CheckPlan, master: &Master) -> String {
+    let mut p = format!(
+        "check check-ssl {}{} {} on-marked-down shutdown-sessions on-marked-up \
+         shutdown-backup-sessions observe layer4 error-limit 10 on-error mark-down",
+        plan.tls, plan.crt, plan.timing
+    );
+    p.push_str(&dns_params(master));
+    p
+}
+
+/// The parameters of a master's fail-open twin: a backup without checks.
+pub fn fallback_params(master: &Master) -> String {
+    format!("backup{}", dns_params(master))
+}
+
+fn dns_params(master: &Master) -> String {
+    if master.address.is_dns() {
+        // A name that does not resolve at start (DNS down at boot) leaves
+        // the server without an address instead of failing the start; the
+        // resolvers section fills it in later.
+        " resolvers sys init-addr last,libc,none".to_owned()
+    } else {
+        String::new()
+    }
+}
+
+/// One `server` line.
+struct ServerLine {
+    name: String,
+    address: String,
+    params: String,
+}
+
+/// The stats/exporter listener.
+struct StatsSection {
+    listen: String,
+    user: Option<(String, String)>,
+}
+
+#[derive(Template)]
+#[template(path = "haproxy.cfg", escape = "none")]
+struct HaproxyCfg {
+    notes: Vec<String>,
+    stats_socket: String,
+    log_socket: String,
+    server_state_file: String,
+    hard_stop_after: String,
+    maxconn: u32,
+    connect: String,
+    client: String,
+    server: String,
+    tunnel: String,
+    check_timeout: String,
+    listen: String,
+    frontend: &'static str,
+    backend: &'static str,
+    balance: &'static str,
+    hash_consistent: bool,
+    retries: usize,
+    check_send: String,
+    check_expect: String,
+    servers: Vec<ServerLine>,
+    resolvers: bool,
+    stats: Option<StatsSection>,
+}
+
+/// Quotes a value for haproxy.cfg. Single quotes take everything literally
+/// except `'` itself; a value containing `'` is double-quoted with `"`, `\`
+/// and `$` escaped, so no environment variable is expanded.
+pub fn quote(s: &str) -> String {
+    if !s.contains('\'') {
+        return format!("'{s}'");
+    }
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        if matches!(c, '"' | '\\' | '$') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
+}
+
+/// Renders haproxy.cfg for `config`, with files laid out as in `paths`.
+pub fn render(config: &Config, inputs: &Inputs, paths: &Paths) -> Rendered {
+    let plan = CheckPlan::new(config, inputs, paths);
+    let mut secrets = Vec::new();
+    let mut aux_files = Vec::new();
+
+    let mut notes = vec![format!(
+        "check credential: {} ({})",
+        inputs.check.mode_in_use(),
+        inputs.check.source
+    )];
+    match &inputs.check.verify {
+        Verify::Ca { path, digest } => {
+            notes.push(format!("check CA: {} sha256:{digest}", path.display()));
+        }
+        Verify::Insecure => notes.push("check CA: none, verification disabled by config".into()),
+        Verify::BootstrapNoCa => {
+            notes.push("check CA: none found yet (bootstrap), certificates not verified".into())
+        }
+    }
+
+    let sni = config.health.tls.server_name();
+    let mut check_send = format!(
+        "meth GET uri {} ver HTTP/1.1 hdr Host {sni}",
+        config.health.path
+    );
+    match &inputs.check.credential {
+        Credential::Bearer { token, .. } => {
+            let value = quote(&format!("Bearer {}", token.expose()));
+            let _ = write!(check_send, " hdr Authorization {value}");
+            secrets.push(token.expose().to_owned());
+        }
+        Credential::ClientCert { bundle, digest, .. } => {
+            aux_files.push(AuxFile {
+                path: paths.client_bundle(digest),
+                contents: bundle.clone(),
+            });
+            notes.push(format!("check client certificate bundle sha256:{digest}"));
+        }
+        Credential::Anonymous => {}
+    }
+
+    let mut statuses = config.health.expect_status.clone();
+    if inputs.check.bootstrap {
+        statuses.extend([401, 403]);
+    }
+    statuses.sort_unstable();
+    statuses.dedup();
+    let check_expect = if statuses.len() == 1 {
+        format!("status {}", statuses[0])
+    } else {
+        let alternatives: Vec<String> = statuses.iter().map(u16::to_string).collect();
+        format!("rstatus ^({})$", alternatives.join("|"))
+    };
+
+    let mut servers = Vec::with_capacity(config.masters.len() * 2);
+    for m in &config.masters {
+        servers.push(ServerLine {
+            name: m.name.clone(),
+            address: m.address.to_string(),
+            params: server_params(&plan, m),
+        });
+    }
+    for m in &config.masters {
+        servers.push(ServerLine {
+            name: format!("{}{FALLBACK_SUFFIX}", m.name),
+            address: m.address.to_string(),
+            params: fallback_params(m),
+        });
+    }
+
+    let stats = config.stats.as_ref().map(|s| StatsSection {
+        listen: s.listen.to_string(),
+        user: s
+            .auth
+            .as_ref()
+            .zip(inputs.stats_password.as_ref())
+            .map(|(a, pw)| {
+                let quoted = quote(pw.expose());
+                secrets.push(pw.expose().to_owned());
+                secrets.push(quoted.clone());
+                (a.user.clone(), quoted)
+            }),
+    });
+
+    let t = &config.timeouts;
+    let cfg = HaproxyCfg {
+        notes,
+        stats_socket: paths.stats_socket().display().to_string(),
+        log_socket: paths.log_socket().display().to_string(),
+        server_state_file: paths.server_state_file().display().to_string(),
+        hard_stop_after: config.haproxy.hard_stop_after.to_string(),
+        maxconn: config.haproxy.maxconn,
+        connect: t.connect.to_string(),
+        client: t.client.to_string(),
+        server: t.server.to_string(),
+        tunnel: t.tunnel().to_string(),
+        check_timeout: config.health.timeout.to_string(),
+        listen: config.listen.to_string(),
+        frontend: FRONTEND,
+        backend: BACKEND,
+        balance: config.balance.as_str(),
+        hash_consistent: config.balance == Balance::Source,
+        retries: config.masters.len().max(3),
+        check_send,
+        check_expect,
+        servers,
+        resolvers: config.masters.iter().any(|m| m.address.is_dns()),
+        stats,
+    };
+    // The template only interpolates strings; it cannot fail at run time.
+    let mut text = cfg
+        .render()
+        .unwrap_or_else(|e| format!("# template error: {e}\n"));
+    // HAProxy refuses a file whose last line has no newline; askama trims it.
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    let hash = Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    // Longest first, so a secret containing another is redacted whole.
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    secrets.dedup();
+    Rendered {
+        text,
+        hash,
+        aux_files,
+        secrets,
+    }
+}
+
+/// Renders for validation only: same config, but every file HAProxy would
+/// read or bind lives under `scratch` instead of the real directories.
+pub fn scratch_paths(scratch: &Path) -> Paths {
+    Paths {
+        runtime_dir: scratch.join("run"),
+        state_dir: scratch.join("state"),
+    }
+}
