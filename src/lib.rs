@@ -11,6 +11,7 @@ pub mod fsutil;
 pub mod haproxy;
 pub mod inputs;
 pub mod render;
+pub mod testapi;
 
 use std::path::Path;
 

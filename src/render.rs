@@ -58,9 +58,10 @@ impl Paths {
     pub fn pidfile(&self) -> PathBuf {
         self.runtime_dir.join("haproxy.pid")
     }
-    /// The datagram socket apilb receives HAProxy's logs on.
-    pub fn log_socket(&self) -> PathBuf {
-        self.runtime_dir.join("log.sock")
+    /// The FIFO that carries HAProxy's stdout and stderr to apilb. A FIFO,
+    /// not a pipe: a restarted apilb reopens it and keeps reading.
+    pub fn output_fifo(&self) -> PathBuf {
+        self.runtime_dir.join("haproxy.out")
     }
     /// The server state HAProxy reloads with (`server-state-file`).
     pub fn server_state_file(&self) -> PathBuf {
@@ -108,10 +109,22 @@ impl Rendered {
     }
 
     /// Removes this config's secrets from any text (e.g. HAProxy's output).
+    /// HAProxy cuts long lines it echoes in error messages, so a secret may
+    /// appear truncated: any run of its first 6 or more characters is
+    /// redacted too.
     pub fn redact(&self, text: &str) -> String {
         let mut out = text.to_owned();
         for s in &self.secrets {
             out = out.replace(s.as_str(), "<redacted>");
+            let chars: Vec<char> = s.chars().collect();
+            if chars.len() > 6 {
+                for len in (6..chars.len()).rev() {
+                    let prefix: String = chars[..len].iter().collect();
+                    if out.contains(&prefix) {
+                        out = out.replace(&prefix, "<redacted>");
+                    }
+                }
+            }
         }
         out
     }
@@ -195,7 +208,6 @@ struct StatsSection {
 struct HaproxyCfg {
     notes: Vec<String>,
     stats_socket: String,
-    log_socket: String,
     server_state_file: String,
     hard_stop_after: String,
     maxconn: u32,
@@ -217,23 +229,17 @@ struct HaproxyCfg {
     stats: Option<StatsSection>,
 }
 
-/// Quotes a value for haproxy.cfg. Single quotes take everything literally
-/// except `'` itself; a value containing `'` is double-quoted with `"`, `\`
-/// and `$` escaped, so no environment variable is expanded.
+/// Quotes a value for haproxy.cfg: single quotes keep everything literal
+/// (no escapes, no `$VAR` expansion); a `'` inside is written `'\''`, which
+/// HAProxy joins back into one word. Verified for all printable ASCII.
 pub fn quote(s: &str) -> String {
-    if !s.contains('\'') {
-        return format!("'{s}'");
-    }
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        if matches!(c, '"' | '\\' | '$') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out.push('"');
-    out
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// Quotes a value that HAProxy reads as a log-format string (the values of
+/// `http-check send hdr`), where `%` introduces a variable.
+pub fn quote_log_format(s: &str) -> String {
+    quote(&s.replace('%', "%%"))
 }
 
 /// Renders haproxy.cfg for `config`, with files laid out as in `paths`.
@@ -264,9 +270,10 @@ pub fn render(config: &Config, inputs: &Inputs, paths: &Paths) -> Rendered {
     );
     match &inputs.check.credential {
         Credential::Bearer { token, .. } => {
-            let value = quote(&format!("Bearer {}", token.expose()));
+            let value = quote_log_format(&format!("Bearer {}", token.expose()));
             let _ = write!(check_send, " hdr Authorization {value}");
             secrets.push(token.expose().to_owned());
+            secrets.push(token.expose().replace('%', "%%"));
         }
         Credential::ClientCert { bundle, digest, .. } => {
             aux_files.push(AuxFile {
@@ -325,7 +332,6 @@ pub fn render(config: &Config, inputs: &Inputs, paths: &Paths) -> Rendered {
     let cfg = HaproxyCfg {
         notes,
         stats_socket: paths.stats_socket().display().to_string(),
-        log_socket: paths.log_socket().display().to_string(),
         server_state_file: paths.server_state_file().display().to_string(),
         hard_stop_after: config.haproxy.hard_stop_after.to_string(),
         maxconn: config.haproxy.maxconn,
