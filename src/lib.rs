@@ -6,11 +6,18 @@
 //! [`render`] (pure: haproxy.cfg text + hash) → [`haproxy`] (validate with
 //! `haproxy -c`, then run it). See ARCHITECTURE.md.
 
+pub mod agent;
 pub mod config;
 pub mod fsutil;
 pub mod haproxy;
+pub mod http;
 pub mod inputs;
+pub mod lab;
+pub mod metrics;
 pub mod render;
+pub mod status;
+pub mod status_client;
+pub mod systemd;
 pub mod testapi;
 
 use std::path::Path;
@@ -27,7 +34,7 @@ pub enum LoadError {
 }
 
 /// Everything needed to run or validate one version of the config.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Loaded {
     /// The parsed config.
     pub config: config::Config,

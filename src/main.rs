@@ -1,13 +1,16 @@
-//! The `apilb` command line. Only argument parsing and exit codes live
-//! here; the work is done by the library.
+//! The `apilb` command line. Only argument parsing, logging set-up, signal
+//! wiring and exit codes live here; the work is done by the library.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
-use apilb::config::{CONFIG_ENV, DEFAULT_CONFIG_PATH};
+use apilb::agent::{self, Control, Exit};
+use apilb::config::{CONFIG_ENV, Config, DEFAULT_CONFIG_PATH};
 use apilb::haproxy::{Binary, BinaryError};
-use apilb::render;
-use clap::{Parser, Subcommand};
+use apilb::{render, status_client};
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio::signal::unix::{SignalKind, signal};
 
 /// Exit code for an unusable configuration (YAML, a file it names, or
 /// HAProxy's verdict on the rendered config).
@@ -26,12 +29,42 @@ struct Cli {
     #[arg(long, short = 'c', global = true, env = CONFIG_ENV, default_value = DEFAULT_CONFIG_PATH)]
     config: PathBuf,
 
+    /// Log format: human-readable text, or one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the agent: start (or adopt) HAProxy and keep it in line with the
+    /// configuration.
+    ///
+    /// The config is validated before anything starts. Changes to the file
+    /// (and to the CA and credential files it names) are applied by a
+    /// validated, hitless reload; an invalid change is refused and the
+    /// running config keeps serving. Signals: HUP reloads now; TERM or INT
+    /// stops HAProxy gracefully (a second one forces it); USR2 exits and
+    /// leaves HAProxy running for the next agent (binary upgrades).
+    Run {
+        /// How long a graceful stop lets connections finish.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        shutdown_grace: Duration,
+    },
+    /// Show what the running agent sees: masters, checks, HAProxy, config.
+    Status {
+        /// Print the raw JSON (for scripts).
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the haproxy.cfg apilb would run for the configuration.
     ///
     /// Secrets (the check's bearer token, the stats password) are replaced by
@@ -54,9 +87,26 @@ enum Command {
     Check,
 }
 
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    s.parse::<apilb::config::Duration>().map(|d| d.std())
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("APILB_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
     {
@@ -83,6 +133,15 @@ fn config_error(e: impl std::fmt::Display) -> Failure {
 
 async fn dispatch(cli: Cli) -> Result<(), Failure> {
     match cli.command {
+        Command::Run { shutdown_grace } => {
+            init_logging(cli.log_format);
+            run(agent::Options {
+                config_path: cli.config,
+                shutdown_grace,
+            })
+            .await
+        }
+        Command::Status { json } => status(&cli.config, json).await,
         Command::Render {
             output,
             show_secrets,
@@ -116,7 +175,65 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
     }
 }
 
-async fn check(path: &std::path::Path) -> Result<(), Failure> {
+async fn run(options: agent::Options) -> Result<(), Failure> {
+    let handle = agent::start(options).await.map_err(|e| {
+        let code = if e.is_config() {
+            EXIT_CONFIG
+        } else {
+            EXIT_FAILURE
+        };
+        tracing::error!("{e}");
+        (code, e.to_string())
+    })?;
+    apilb::systemd::notify("READY=1");
+    tracing::info!(metrics = %handle.metrics_addr(), "apilb is ready");
+
+    let control = handle.controller();
+    let signals = tokio::spawn(async move {
+        let (Ok(mut hup), Ok(mut term), Ok(mut int), Ok(mut usr2)) = (
+            signal(SignalKind::hangup()),
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::user_defined2()),
+        ) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        loop {
+            let c = tokio::select! {
+                _ = hup.recv() => Control::Reload,
+                _ = term.recv() => Control::Shutdown,
+                _ = int.recv() => Control::Shutdown,
+                _ = usr2.recv() => Control::Handover,
+            };
+            if control.send(c).await.is_err() {
+                return;
+            }
+        }
+    });
+    let exit = handle.wait().await;
+    signals.abort();
+    match exit {
+        Exit::Stopped | Exit::HandedOver => Ok(()),
+        Exit::Forced => Err((EXIT_FAILURE, "stopped HAProxy forcibly".into())),
+    }
+}
+
+async fn status(path: &Path, json: bool) -> Result<(), Failure> {
+    let config = Config::load(path).map_err(config_error)?;
+    let addr = status_client::target(config.metrics.listen.0);
+    let s = status_client::fetch(addr)
+        .await
+        .map_err(|e| (EXIT_FAILURE, e.to_string()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+    } else {
+        print!("{}", status_client::render_table(&s));
+    }
+    Ok(())
+}
+
+async fn check(path: &Path) -> Result<(), Failure> {
     let scratch = tempfile::Builder::new()
         .prefix("apilb-check-")
         .tempdir()

@@ -93,8 +93,35 @@ pub struct Rendered {
     pub hash: String,
     /// Files that must exist next to it.
     pub aux_files: Vec<AuxFile>,
-    /// Secret values present in `text`, for redaction.
+    /// Removes this config's secrets from any text.
+    pub redactor: Redactor,
+}
+
+/// Removes known secret values from text (HAProxy's messages, logs).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Redactor {
+    /// Secret values, longest first.
     secrets: Vec<String>,
+}
+
+impl Redactor {
+    /// Replaces every secret in `text` with `<redacted>`. HAProxy cuts long
+    /// lines it echoes in error messages, so a secret may appear truncated:
+    /// any run of its first 6 or more characters is redacted too.
+    pub fn redact(&self, text: &str) -> String {
+        let mut out = text.to_owned();
+        for s in &self.secrets {
+            out = out.replace(s.as_str(), "<redacted>");
+            let chars: Vec<char> = s.chars().collect();
+            for len in (6..chars.len()).rev() {
+                let prefix: String = chars[..len].iter().collect();
+                if out.contains(&prefix) {
+                    out = out.replace(&prefix, "<redacted>");
+                }
+            }
+        }
+        out
+    }
 }
 
 impl Rendered {
@@ -109,24 +136,8 @@ impl Rendered {
     }
 
     /// Removes this config's secrets from any text (e.g. HAProxy's output).
-    /// HAProxy cuts long lines it echoes in error messages, so a secret may
-    /// appear truncated: any run of its first 6 or more characters is
-    /// redacted too.
     pub fn redact(&self, text: &str) -> String {
-        let mut out = text.to_owned();
-        for s in &self.secrets {
-            out = out.replace(s.as_str(), "<redacted>");
-            let chars: Vec<char> = s.chars().collect();
-            if chars.len() > 6 {
-                for len in (6..chars.len()).rev() {
-                    let prefix: String = chars[..len].iter().collect();
-                    if out.contains(&prefix) {
-                        out = out.replace(&prefix, "<redacted>");
-                    }
-                }
-            }
-        }
-        out
+        self.redactor.redact(text)
     }
 }
 
@@ -371,7 +382,7 @@ pub fn render(config: &Config, inputs: &Inputs, paths: &Paths) -> Rendered {
         text,
         hash,
         aux_files,
-        secrets,
+        redactor: Redactor { secrets },
     }
 }
 

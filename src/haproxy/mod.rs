@@ -1,6 +1,11 @@
 //! Everything that talks to HAProxy: the binary (`-v`, `-c`), the master
 //! and stats sockets, and the supervisor that runs the master process.
 
+pub mod cli;
+pub mod output;
+pub mod stat;
+pub mod supervisor;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 

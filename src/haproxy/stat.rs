@@ -1,0 +1,350 @@
+//! Parsers for the runtime API's answers: `show proc` (master CLI) and
+//! `show stat` (stats socket, CSV).
+
+use std::collections::HashMap;
+
+/// A parse failure: the answer did not have the expected shape.
+#[derive(Debug, thiserror::Error)]
+#[error("unexpected answer to `{command}`: {problem}")]
+pub struct ParseError {
+    /// The command whose answer was parsed.
+    pub command: &'static str,
+    /// What was wrong.
+    pub problem: String,
+}
+
+/// One process listed by `show proc`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Proc {
+    /// Its pid.
+    pub pid: u32,
+    /// Reloads it has survived (workers) or performed (master).
+    pub reloads: u64,
+}
+
+/// The master's view of its processes (`show proc`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcInfo {
+    /// The master's pid.
+    pub master_pid: u32,
+    /// Reload attempts since the master started, failed ones included.
+    pub reloads: u64,
+    /// Reloads that failed (the previous worker kept serving).
+    pub failed_reloads: u64,
+    /// Current workers (normally one).
+    pub workers: Vec<Proc>,
+    /// Workers from before a reload, still finishing connections.
+    pub old_workers: Vec<Proc>,
+}
+
+/// Parses `show proc` as printed by HAProxy 2.4-2.6:
+///
+/// ```text
+/// #<PID>          <type>          <reloads>       <uptime>        <version>
+/// 24050           master          5 [failed: 1]   0d00h00m57s     2.6.12-1+deb12u3
+/// # workers
+/// 24484           worker          1               0d00h00m16s     2.6.12-1+deb12u3
+/// # old workers
+/// 24305           worker          1               0d00h00m20s     2.6.12-1+deb12u3
+/// # programs
+/// ```
+pub fn parse_show_proc(text: &str) -> Result<ProcInfo, ParseError> {
+    let err = |problem: String| ParseError {
+        command: "show proc",
+        problem,
+    };
+    let mut master: Option<(u32, u64, u64)> = None;
+    let mut workers = Vec::new();
+    let mut old_workers = Vec::new();
+    let mut section = "";
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if let Some(header) = line.strip_prefix('#') {
+            section = match header.trim() {
+                "workers" => "workers",
+                "old workers" => "old",
+                "programs" => "programs",
+                _ => section,
+            };
+            continue;
+        }
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let pid = fields
+            .first()
+            .and_then(|p| p.parse::<u32>().ok())
+            .ok_or_else(|| err(format!("bad line {line:?}")))?;
+        let reloads = fields
+            .get(2)
+            .and_then(|r| r.parse::<u64>().ok())
+            .unwrap_or(0);
+        match fields.get(1).copied() {
+            Some("master") => {
+                let failed = line
+                    .split_once("[failed:")
+                    .and_then(|(_, rest)| rest.split(']').next())
+                    .and_then(|n| n.trim().parse::<u64>().ok())
+                    .unwrap_or(0);
+                master = Some((pid, reloads, failed));
+            }
+            Some("worker") if section == "workers" => workers.push(Proc { pid, reloads }),
+            Some("worker") if section == "old" => old_workers.push(Proc { pid, reloads }),
+            _ => {}
+        }
+    }
+    let (master_pid, reloads, failed_reloads) =
+        master.ok_or_else(|| err(format!("no master line in {text:?}")))?;
+    Ok(ProcInfo {
+        master_pid,
+        reloads,
+        failed_reloads,
+        workers,
+        old_workers,
+    })
+}
+
+/// A server's administrative and health state, simplified.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum ServerState {
+    /// Checks pass (or the server has no check); in rotation.
+    Up,
+    /// Checks fail; out of rotation.
+    Down,
+    /// Administratively disabled (or waiting for DNS resolution).
+    Maint,
+    /// Draining: keeps its connections, gets no new ones.
+    Drain,
+}
+
+impl ServerState {
+    /// Every state, for one-hot metrics.
+    pub const ALL: [ServerState; 4] = [
+        ServerState::Up,
+        ServerState::Down,
+        ServerState::Maint,
+        ServerState::Drain,
+    ];
+
+    /// As exported in metrics and status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServerState::Up => "UP",
+            ServerState::Down => "DOWN",
+            ServerState::Maint => "MAINT",
+            ServerState::Drain => "DRAIN",
+        }
+    }
+
+    /// Maps `show stat`'s status column ("UP", "UP 1/2", "DOWN 1/2",
+    /// "MAINT (resolution)", "no check", "NOLB", …).
+    pub fn from_status(status: &str) -> ServerState {
+        let s = status.trim();
+        if s.starts_with("MAINT") {
+            ServerState::Maint
+        } else if s.starts_with("DRAIN") || s.starts_with("NOLB") {
+            ServerState::Drain
+        } else if s.starts_with("DOWN") {
+            ServerState::Down
+        } else {
+            ServerState::Up
+        }
+    }
+}
+
+/// One server row of `show stat`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServerStat {
+    /// Backend name.
+    pub backend: String,
+    /// Server name.
+    pub name: String,
+    /// The raw status column, e.g. "UP 1/2".
+    pub status: String,
+    /// Check status code without the in-progress marker, e.g. "L7OK".
+    pub check_status: String,
+    /// HTTP status of the last check, when it got one.
+    pub check_code: Option<u16>,
+    /// Duration of the last check, milliseconds.
+    pub check_duration_ms: Option<u64>,
+    /// HAProxy's description of the check status, e.g. "Layer7 wrong status".
+    pub check_desc: String,
+    /// Extra information of the last check, e.g. "Connection refused".
+    pub last_check: String,
+    /// Seconds since the last state change.
+    pub last_change_s: Option<u64>,
+    /// Current sessions.
+    pub sessions: u64,
+    /// Sessions since start.
+    pub sessions_total: u64,
+    /// Connection errors to this server.
+    pub connect_errors: u64,
+    /// Connections retried.
+    pub retries: u64,
+    /// Connections redispatched to another server.
+    pub redispatches: u64,
+    /// The address in use (`ip:port`), empty when unresolved.
+    pub addr: String,
+    /// True for `backup` servers.
+    pub backup: bool,
+}
+
+impl ServerStat {
+    /// The simplified state.
+    pub fn state(&self) -> ServerState {
+        ServerState::from_status(&self.status)
+    }
+}
+
+/// One frontend row of `show stat`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FrontendStat {
+    /// Frontend name.
+    pub name: String,
+    /// "OPEN" while it accepts connections.
+    pub status: String,
+    /// Current sessions.
+    pub sessions: u64,
+}
+
+/// The parts of `show stat` apilb uses.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Stats {
+    /// Server rows.
+    pub servers: Vec<ServerStat>,
+    /// Frontend rows.
+    pub frontends: Vec<FrontendStat>,
+}
+
+/// Parses `show stat` CSV (header line `# pxname,svname,…`).
+pub fn parse_show_stat(text: &str) -> Result<Stats, ParseError> {
+    let err = |problem: String| ParseError {
+        command: "show stat",
+        problem,
+    };
+    let mut lines = text.lines();
+    let header = lines
+        .next()
+        .and_then(|h| h.strip_prefix("# "))
+        .ok_or_else(|| err(format!("no CSV header in {:?}", text.lines().next())))?;
+    let index: HashMap<&str, usize> = header.split(',').enumerate().map(|(i, n)| (n, i)).collect();
+    let col = |name: &'static str| {
+        index
+            .get(name)
+            .copied()
+            .ok_or_else(|| err(format!("no column {name}")))
+    };
+    let (px, sv, status, ty) = (col("pxname")?, col("svname")?, col("status")?, col("type")?);
+    let opt = |name: &str| index.get(name).copied();
+    let mut stats = Stats::default();
+    for line in lines.filter(|l| !l.trim().is_empty()) {
+        let f: Vec<&str> = line.split(',').collect();
+        let get = |i: Option<usize>| i.and_then(|i| f.get(i)).copied().unwrap_or("");
+        let num = |name: &str| get(opt(name)).parse::<u64>().ok();
+        match get(Some(ty)) {
+            // 0 = frontend, 2 = server.
+            "0" => stats.frontends.push(FrontendStat {
+                name: get(Some(px)).to_owned(),
+                status: get(Some(status)).to_owned(),
+                sessions: num("scur").unwrap_or(0),
+            }),
+            "2" => stats.servers.push(ServerStat {
+                backend: get(Some(px)).to_owned(),
+                name: get(Some(sv)).to_owned(),
+                status: get(Some(status)).to_owned(),
+                check_status: get(opt("check_status")).trim_start_matches("* ").to_owned(),
+                check_code: num("check_code").and_then(|c| u16::try_from(c).ok()),
+                check_duration_ms: num("check_duration"),
+                check_desc: get(opt("check_desc")).to_owned(),
+                last_check: get(opt("last_chk")).to_owned(),
+                last_change_s: num("lastchg"),
+                sessions: num("scur").unwrap_or(0),
+                sessions_total: num("stot").unwrap_or(0),
+                connect_errors: num("econ").unwrap_or(0),
+                retries: num("wretr").unwrap_or(0),
+                redispatches: num("wredis").unwrap_or(0),
+                addr: get(opt("addr")).to_owned(),
+                backup: num("bck") == Some(1),
+            }),
+            _ => {}
+        }
+    }
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_show_proc_with_old_workers_and_failures() {
+        let text = "#<PID>          <type>          <reloads>       <uptime>        <version>\n\
+            24050           master          5 [failed: 1]   0d00h00m57s     2.6.12-1+deb12u3\n\
+            # workers\n\
+            24484           worker          1               0d00h00m16s     2.6.12-1+deb12u3\n\
+            # old workers\n\
+            24305           worker          1               0d00h00m20s     2.6.12-1+deb12u3\n\
+            # programs\n\n";
+        let p = parse_show_proc(text).unwrap();
+        assert_eq!(p.master_pid, 24050);
+        assert_eq!((p.reloads, p.failed_reloads), (5, 1));
+        assert_eq!(
+            p.workers,
+            vec![Proc {
+                pid: 24484,
+                reloads: 1
+            }]
+        );
+        assert_eq!(
+            p.old_workers,
+            vec![Proc {
+                pid: 24305,
+                reloads: 1
+            }]
+        );
+        assert!(parse_show_proc("Unknown command.\n").is_err());
+    }
+
+    #[test]
+    fn maps_statuses() {
+        for (s, want) in [
+            ("UP", ServerState::Up),
+            ("UP 1/2", ServerState::Up),
+            ("no check", ServerState::Up),
+            ("DOWN", ServerState::Down),
+            ("DOWN 1/2", ServerState::Down),
+            ("MAINT", ServerState::Maint),
+            ("MAINT (resolution)", ServerState::Maint),
+            ("DRAIN", ServerState::Drain),
+            ("NOLB", ServerState::Drain),
+        ] {
+            assert_eq!(ServerState::from_status(s), want, "{s}");
+        }
+    }
+
+    #[test]
+    fn parses_show_stat_rows_by_header_name() {
+        let text = "# pxname,svname,scur,stot,econ,wretr,wredis,status,bck,lastchg,type,check_status,check_code,check_duration,last_chk,check_desc,addr,\n\
+            apiserver,FRONTEND,3,10,,,,OPEN,,,0,,,,,,,\n\
+            masters,m1,2,7,1,0,0,UP,0,42,2,L7OK,200,3,OK,Layer7 check passed,10.0.0.1:6443,\n\
+            masters,m2,0,0,5,2,1,DOWN,0,7,2,* L4CON,,0,Connection refused,Layer4 connection problem,10.0.0.2:6443,\n\
+            masters,m1:fallback,0,0,0,0,0,no check,1,99,2,,,,,,10.0.0.1:6443,\n\
+            masters,BACKEND,2,7,,,,UP,1,42,1,,,,,,,\n";
+        let s = parse_show_stat(text).unwrap();
+        assert_eq!(s.frontends.len(), 1);
+        assert_eq!(s.frontends[0].status, "OPEN");
+        assert_eq!(s.servers.len(), 3);
+        let m2 = &s.servers[1];
+        assert_eq!(m2.state(), ServerState::Down);
+        assert_eq!(m2.check_status, "L4CON");
+        assert_eq!(m2.check_code, None);
+        assert_eq!(m2.last_check, "Connection refused");
+        assert_eq!(m2.check_desc, "Layer4 connection problem");
+        assert_eq!((m2.connect_errors, m2.retries, m2.redispatches), (5, 2, 1));
+        let m1 = &s.servers[0];
+        assert_eq!(
+            (m1.check_code, m1.check_duration_ms, m1.last_change_s),
+            (Some(200), Some(3), Some(42))
+        );
+        assert!(s.servers[2].backup);
+        assert!(parse_show_stat("").is_err());
+    }
+}

@@ -1,0 +1,434 @@
+//! The HAProxy master process: start, adopt, reload, stop, and notice
+//! when it dies.
+//!
+//! HAProxy runs in master-worker mode (`-W -S <master.sock> -p <pidfile>`)
+//! in its own session, so it outlives apilb: if the agent is killed or
+//! restarted the data plane keeps serving, and the next agent *adopts* the
+//! master it finds through the pidfile and the master socket. Death is
+//! noticed through a pidfd, which works for adopted masters that are not
+//! apilb's children.
+
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::io::unix::AsyncFd;
+use tokio::process::Command;
+use tokio::sync::watch;
+use tokio::time::{Instant, sleep};
+
+use super::Binary;
+use super::cli::{self, CliError};
+use super::output::Output;
+use super::stat::{self, ParseError, ProcInfo, Stats};
+use crate::fsutil;
+use crate::render::Paths;
+
+/// Failures of the HAProxy process.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    /// exec failed.
+    #[error("cannot start HAProxy \"{}\": {source}", binary.display())]
+    Spawn {
+        /// The configured binary.
+        binary: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// HAProxy exited during start-up; `reason` holds its ALERT lines.
+    #[error("HAProxy exited during start-up ({status}): {reason}")]
+    StartFailed {
+        /// How it exited.
+        status: String,
+        /// HAProxy's own messages.
+        reason: String,
+    },
+    /// HAProxy did not come up in time.
+    #[error("HAProxy did not come up within {0:?}")]
+    StartTimeout(Duration),
+    /// A socket command failed.
+    #[error(transparent)]
+    Cli(#[from] CliError),
+    /// A socket answer could not be parsed.
+    #[error(transparent)]
+    Parse(#[from] ParseError),
+    /// A file in the runtime directory could not be handled.
+    #[error("{}: {source}", path.display())]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// How a reload ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// HAProxy refused the new config; the previous worker keeps serving.
+    #[error("HAProxy refused the reload (the previous config keeps serving): {reason}")]
+    Refused {
+        /// HAProxy's ALERT lines from the master's output.
+        reason: String,
+    },
+    /// The outcome could not be confirmed.
+    #[error("cannot confirm the reload: {0}")]
+    Unconfirmed(String),
+    /// Talking to the master failed.
+    #[error(transparent)]
+    Supervisor(#[from] SupervisorError),
+}
+
+/// How the master process ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exit {
+    /// e.g. `exit status: 137`, or `unknown (adopted process)`.
+    pub status: String,
+}
+
+/// A running HAProxy master, started or adopted by this agent.
+pub struct Haproxy {
+    binary: Binary,
+    paths: Paths,
+    pid: u32,
+    adopted: bool,
+    exited: watch::Receiver<Option<Exit>>,
+}
+
+impl Haproxy {
+    /// The master's pid.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// True when this agent found the master running rather than starting it.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// True once the master has exited.
+    pub fn has_exited(&self) -> bool {
+        self.exited.borrow().is_some()
+    }
+
+    /// Waits until the master exits.
+    pub async fn exited(&self) -> Exit {
+        let mut rx = self.exited.clone();
+        let exit = rx
+            .wait_for(Option::is_some)
+            .await
+            .ok()
+            .and_then(|e| e.clone());
+        exit.unwrap_or_else(unknown_exit)
+    }
+
+    /// Looks for a live master started by an earlier agent with these
+    /// paths. Returns `None` when there is none (stale pidfile, other
+    /// process, no answer on the master socket).
+    pub async fn adopt(binary: &Binary, paths: &Paths) -> Option<Haproxy> {
+        let pid: u32 = std::fs::read_to_string(paths.pidfile())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        if !is_our_master(pid, paths) {
+            return None;
+        }
+        let proc = show_proc_at(&paths.master_socket(), cli::DEFAULT_TIMEOUT)
+            .await
+            .ok()?;
+        if proc.master_pid != pid {
+            return None;
+        }
+        let exited = watch_foreign(pid).ok()?;
+        Some(Haproxy {
+            binary: binary.clone(),
+            paths: paths.clone(),
+            pid,
+            adopted: true,
+            exited,
+        })
+    }
+
+    /// Starts a master on the config in the runtime directory and waits
+    /// until it runs a worker. On failure the error carries HAProxy's own
+    /// messages, read from `output`.
+    pub async fn spawn(
+        binary: &Binary,
+        paths: &Paths,
+        output: &Output,
+    ) -> Result<Haproxy, SupervisorError> {
+        let started = Instant::now();
+        let file = |path: PathBuf| {
+            move |source| SupervisorError::File {
+                path: path.clone(),
+                source,
+            }
+        };
+        let stdout = output.writer().map_err(file(paths.output_fifo()))?;
+        let stderr = stdout.try_clone().map_err(file(paths.output_fifo()))?;
+        let master = format!("{},mode,600", paths.master_socket().display());
+        let mut cmd = Command::new(&binary.path);
+        cmd.arg("-W")
+            .arg("-S")
+            .arg(&master)
+            .arg("-f")
+            .arg(paths.config_file())
+            .arg("-p")
+            .arg(paths.pidfile())
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(stdout))
+            .stderr(Stdio::from(stderr))
+            // HAProxy must outlive apilb: never killed with the handle.
+            .kill_on_drop(false);
+        // SAFETY: setsid() is async-signal-safe; it detaches HAProxy from
+        // apilb's session and terminal, so Ctrl-C or a terminal hang-up
+        // aimed at apilb does not reach the data plane.
+        unsafe {
+            cmd.pre_exec(|| nix::unistd::setsid().map(drop).map_err(io::Error::from));
+        }
+        let mut child = cmd.spawn().map_err(|source| SupervisorError::Spawn {
+            binary: binary.path.clone(),
+            source,
+        })?;
+        let pid = child.id().unwrap_or_default();
+        let (tx, exited) = watch::channel(None);
+        let mut dead = exited.clone();
+        tokio::spawn(async move {
+            let status = match child.wait().await {
+                Ok(s) => s.to_string(),
+                Err(e) => format!("unknown ({e})"),
+            };
+            let _ = tx.send(Some(Exit { status }));
+        });
+
+        let limit = Duration::from_secs(15);
+        let up = async {
+            loop {
+                if let Ok(p) =
+                    show_proc_at(&paths.master_socket(), Duration::from_millis(200)).await
+                    && p.master_pid == pid
+                    && !p.workers.is_empty()
+                {
+                    return;
+                }
+                sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::select! {
+            _ = up => {}
+            exit = async { dead.wait_for(Option::is_some).await.ok().and_then(|e| e.clone()) } => {
+                let status = exit.map(|e| e.status).unwrap_or_default();
+                // Let the reader catch up with HAProxy's last words.
+                sleep(Duration::from_millis(100)).await;
+                let mut reason = output.alerts_since(started);
+                if reason.is_empty() {
+                    reason = "no message from HAProxy (see the log above)".into();
+                }
+                return Err(SupervisorError::StartFailed { status, reason });
+            }
+            _ = sleep(limit) => {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                return Err(SupervisorError::StartTimeout(limit));
+            }
+        }
+        Ok(Haproxy {
+            binary: binary.clone(),
+            paths: paths.clone(),
+            pid,
+            adopted: false,
+            exited,
+        })
+    }
+
+    /// `show proc` on the master CLI.
+    pub async fn show_proc(&self) -> Result<ProcInfo, SupervisorError> {
+        show_proc_at(&self.paths.master_socket(), cli::DEFAULT_TIMEOUT).await
+    }
+
+    /// `show stat` on the worker's stats socket.
+    pub async fn show_stat(&self) -> Result<Stats, SupervisorError> {
+        let text = cli::command(
+            &self.paths.stats_socket(),
+            "show stat",
+            cli::DEFAULT_TIMEOUT,
+        )
+        .await?;
+        Ok(stat::parse_show_stat(&text)?)
+    }
+
+    /// A runtime API command on the worker's stats socket.
+    pub async fn runtime(&self, command: &str) -> Result<String, SupervisorError> {
+        Ok(cli::command(&self.paths.stats_socket(), command, cli::DEFAULT_TIMEOUT).await?)
+    }
+
+    /// Saves every server's state (`show servers state`) where the next
+    /// worker loads it, so a reload keeps DOWN masters DOWN instead of
+    /// starting them UP.
+    pub async fn save_server_state(&self) -> Result<(), SupervisorError> {
+        let state = self.runtime("show servers state").await?;
+        if !state.starts_with('1') {
+            return Err(SupervisorError::Parse(ParseError {
+                command: "show servers state",
+                problem: format!("no version line in {:?}", state.lines().next()),
+            }));
+        }
+        let path = self.paths.server_state_file();
+        fsutil::write_atomic(&path, state.as_bytes(), 0o600)
+            .map_err(|source| SupervisorError::File { path, source })
+    }
+
+    /// Reloads the config file in the runtime directory through the master
+    /// CLI and confirms the outcome from `show proc` (HAProxy 2.6's
+    /// `reload` prints nothing). The file must have been validated.
+    pub async fn reload(&self, output: &Output) -> Result<ProcInfo, ReloadError> {
+        let before = self.show_proc().await?;
+        let started = Instant::now();
+        // The master closes the connection when it re-executes.
+        let _ = cli::command(&self.paths.master_socket(), "reload", cli::DEFAULT_TIMEOUT).await;
+        let deadline = started + Duration::from_secs(30);
+        loop {
+            if self.has_exited() {
+                return Err(ReloadError::Unconfirmed(
+                    "HAProxy exited during the reload".into(),
+                ));
+            }
+            if let Ok(after) =
+                show_proc_at(&self.paths.master_socket(), Duration::from_millis(500)).await
+            {
+                if after.failed_reloads > before.failed_reloads {
+                    sleep(Duration::from_millis(50)).await;
+                    let mut reason = output.alerts_since(started);
+                    if reason.is_empty() {
+                        reason = "see HAProxy's messages in the log".into();
+                    }
+                    return Err(ReloadError::Refused { reason });
+                }
+                if after.reloads > before.reloads && !after.workers.is_empty() {
+                    return Ok(after);
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(ReloadError::Unconfirmed(format!(
+                    "the master's reload counter did not move within {:?}",
+                    deadline - started
+                )));
+            }
+            sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sends a signal to the master.
+    pub fn signal(&self, signal: Signal) {
+        if !self.has_exited() {
+            let _ = kill(Pid::from_raw(self.pid as i32), signal);
+        }
+    }
+
+    /// Stops HAProxy: a soft stop (listeners close, established
+    /// connections finish) for at most `grace`, then a hard stop.
+    pub async fn stop(&self, grace: Duration) -> Exit {
+        self.signal(Signal::SIGUSR1);
+        let exit = match tokio::time::timeout(grace, self.exited()).await {
+            Ok(exit) => exit,
+            Err(_) => {
+                tracing::warn!(
+                    ?grace,
+                    "HAProxy still has connections after the grace period; stopping it hard"
+                );
+                self.signal(Signal::SIGTERM);
+                match tokio::time::timeout(Duration::from_secs(5), self.exited()).await {
+                    Ok(exit) => exit,
+                    Err(_) => {
+                        self.signal(Signal::SIGKILL);
+                        self.exited().await
+                    }
+                }
+            }
+        };
+        let _ = std::fs::remove_file(self.paths.pidfile());
+        exit
+    }
+
+    /// The binary this master runs.
+    pub fn binary(&self) -> &Binary {
+        &self.binary
+    }
+}
+
+fn unknown_exit() -> Exit {
+    Exit {
+        status: "unknown".into(),
+    }
+}
+
+async fn show_proc_at(socket: &Path, limit: Duration) -> Result<ProcInfo, SupervisorError> {
+    let text = cli::command(socket, "show proc", limit).await?;
+    Ok(stat::parse_show_proc(&text)?)
+}
+
+/// True when `pid` runs HAProxy with this agent's master socket and config:
+/// guards against a stale pidfile whose pid now belongs to another process.
+fn is_our_master(pid: u32, paths: &Paths) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let master = paths.master_socket().display().to_string();
+    let config = paths.config_file().display().to_string();
+    let has = |flag: &str, value: &str| {
+        args.windows(2)
+            .any(|w| w[0] == flag && (w[1] == value || w[1].starts_with(&format!("{value},"))))
+    };
+    has("-S", &master) && has("-f", &config)
+}
+
+/// Watches a process that is not our child through a pidfd.
+fn watch_foreign(pid: u32) -> io::Result<watch::Receiver<Option<Exit>>> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the syscall returned a fresh descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // SAFETY: the AsyncFd owns the descriptor, so it stays open for as long
+    // as it is registered.
+    let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)? };
+    let (tx, rx) = watch::channel(None);
+    tokio::spawn(async move {
+        // A pidfd becomes readable when the process exits.
+        let _ = fd.readable().await;
+        let _ = tx.send(Some(Exit {
+            status: "exited (adopted process; status unknown)".into(),
+        }));
+    });
+    Ok(rx)
+}
+
+/// True while `pid` runs. A zombie (exited, not yet reaped by its parent,
+/// which for an adopted master is init) counts as dead.
+pub fn alive(pid: u32) -> bool {
+    if kill(Pid::from_raw(pid as i32), None).is_err() {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => !matches!(
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next()),
+            Some("Z" | "X")
+        ),
+        Err(_) => false,
+    }
+}

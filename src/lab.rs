@@ -1,0 +1,237 @@
+//! A throw-away cluster on loopback for `apilb demo`, the integration tests
+//! and the benchmarks: a CA generated on the fly, N test API servers with
+//! anonymous auth off (like k3s), a node credential, and an apilb.yaml in a
+//! private temporary directory.
+
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::testapi::{ApiServer, ApiServerOptions, Auth, CertPair, Pki, TestApiError};
+
+/// How the lab's check authenticates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LabAuth {
+    /// `client_cert` with the node's certificate.
+    ClientCert,
+    /// `bearer` with a token file.
+    Bearer,
+    /// `none`; the servers allow anonymous requests.
+    Anonymous,
+}
+
+/// The lab's knobs.
+#[derive(Clone, Debug)]
+pub struct LabOptions {
+    /// How many API servers.
+    pub masters: usize,
+    /// How the check authenticates.
+    pub auth: LabAuth,
+    /// Preferred frontend port; a free one is used when it is taken.
+    pub listen_port: Option<u16>,
+    /// Preferred metrics port; a free one is used when it is taken.
+    pub metrics_port: Option<u16>,
+}
+
+impl Default for LabOptions {
+    fn default() -> Self {
+        LabOptions {
+            masters: 3,
+            auth: LabAuth::ClientCert,
+            listen_port: None,
+            metrics_port: None,
+        }
+    }
+}
+
+/// The check settings written into the lab's config.
+#[derive(Clone, Debug)]
+pub struct HealthSettings {
+    /// `health.interval`.
+    pub interval: String,
+    /// `health.timeout`.
+    pub timeout: String,
+    /// `health.rise`.
+    pub rise: u32,
+    /// `health.fall`.
+    pub fall: u32,
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        HealthSettings {
+            interval: "1s".into(),
+            timeout: "1s".into(),
+            rise: 2,
+            fall: 2,
+        }
+    }
+}
+
+/// A running lab. Dropping it stops the API servers and removes the files.
+pub struct Lab {
+    /// The private directory holding the config, PKI and runtime files.
+    pub dir: tempfile::TempDir,
+    /// The lab's CA.
+    pub pki: Pki,
+    /// The API servers.
+    pub servers: Vec<ApiServer>,
+    /// The frontend address in the config.
+    pub listen: SocketAddr,
+    /// apilb's metrics address in the config.
+    pub metrics: SocketAddr,
+    /// The bearer token the servers accept.
+    pub token: String,
+    /// The node's client certificate.
+    pub node_cert: CertPair,
+    /// How the check authenticates.
+    pub auth: LabAuth,
+    /// Check settings used by [`Lab::config_yaml`].
+    pub health: HealthSettings,
+}
+
+/// A free TCP port on 127.0.0.1, preferring `preferred`.
+pub fn free_port(preferred: Option<u16>) -> std::io::Result<u16> {
+    if let Some(p) = preferred
+        && StdListener::bind(("127.0.0.1", p)).is_ok()
+    {
+        return Ok(p);
+    }
+    Ok(StdListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl Lab {
+    /// Generates the PKI, starts the servers and writes apilb.yaml.
+    pub async fn start(opts: LabOptions) -> Result<Lab, TestApiError> {
+        let dir = tempfile::Builder::new().prefix("apilb-lab-").tempdir()?;
+        let pki = Pki::new("apilb lab CA")?;
+        let token = format!("lab-token-{}", std::process::id());
+        let node_cert = pki.client_cert("system:node:lab-node", &["system:nodes"])?;
+        let serving = pki.server_cert(
+            "kube-apiserver",
+            &["kubernetes", "kubernetes.default", "localhost", "127.0.0.1"],
+        )?;
+        let auth = Auth {
+            anonymous: opts.auth == LabAuth::Anonymous,
+            tokens: vec![token.clone()],
+            client_ca_pem: Some(pki.ca_pem()),
+        };
+        let mut servers = Vec::with_capacity(opts.masters);
+        for i in 1..=opts.masters {
+            servers.push(
+                ApiServer::start(ApiServerOptions {
+                    name: format!("master-{i}"),
+                    cert: serving.clone(),
+                    auth: auth.clone(),
+                    bind: "127.0.0.1:0"
+                        .parse()
+                        .map_err(|e| TestApiError::Setup(format!("{e}")))?,
+                })
+                .await?,
+            );
+        }
+        let listen = SocketAddr::from(([127, 0, 0, 1], free_port(opts.listen_port)?));
+        let metrics = SocketAddr::from(([127, 0, 0, 1], free_port(opts.metrics_port)?));
+        let lab = Lab {
+            dir,
+            pki,
+            servers,
+            listen,
+            metrics,
+            token,
+            node_cert,
+            auth: opts.auth,
+            health: HealthSettings::default(),
+        };
+        lab.write_files()?;
+        lab.write_config(&lab.config_yaml(""))?;
+        Ok(lab)
+    }
+
+    /// A path inside the lab directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The config file.
+    pub fn config_path(&self) -> PathBuf {
+        self.path("apilb.yaml")
+    }
+
+    fn write_files(&self) -> std::io::Result<()> {
+        let write = |name: &str, data: &str| {
+            crate::fsutil::write_atomic(&self.path(name), data.as_bytes(), 0o600)
+        };
+        write("ca.crt", &self.pki.ca_pem())?;
+        write("node.crt", &self.node_cert.cert_pem)?;
+        write("node.key", &self.node_cert.key_pem)?;
+        write("token", &format!("{}\n", self.token))
+    }
+
+    /// The `masters:` entries for the given servers.
+    pub fn masters_yaml(&self, servers: &[&ApiServer]) -> String {
+        servers
+            .iter()
+            .map(|s| format!("  - {{name: {}, address: \"{}\"}}\n", s.name(), s.addr()))
+            .collect()
+    }
+
+    /// The lab's apilb.yaml, with `extra` top-level YAML appended.
+    pub fn config_yaml(&self, extra: &str) -> String {
+        let all: Vec<&ApiServer> = self.servers.iter().collect();
+        self.config_yaml_for(&all, extra)
+    }
+
+    /// The lab's apilb.yaml over some of its servers.
+    pub fn config_yaml_for(&self, servers: &[&ApiServer], extra: &str) -> String {
+        let d = self.dir.path().display();
+        let auth = match self.auth {
+            LabAuth::ClientCert => {
+                format!("{{mode: client_cert, cert_file: {d}/node.crt, key_file: {d}/node.key}}")
+            }
+            LabAuth::Bearer => format!("{{mode: bearer, token_file: {d}/token}}"),
+            LabAuth::Anonymous => "{mode: none}".into(),
+        };
+        let h = &self.health;
+        format!(
+            "# apilb lab configuration (generated)\n\
+             listen: \"{listen}\"\n\
+             masters:\n{masters}\
+             health:\n  interval: {interval}\n  timeout: {timeout}\n  rise: {rise}\n  fall: {fall}\n\
+             \x20 tls: {{ca_file: {d}/ca.crt, server_name: kubernetes}}\n\
+             \x20 auth: {auth}\n\
+             metrics:\n  listen: \"{metrics}\"\n\
+             haproxy:\n  runtime_dir: {d}/run\n  state_dir: {d}/state\n  hard_stop_after: 1m\n{extra}",
+            listen = self.listen,
+            masters = self.masters_yaml(servers),
+            interval = h.interval,
+            timeout = h.timeout,
+            rise = h.rise,
+            fall = h.fall,
+            metrics = self.metrics,
+        )
+    }
+
+    /// Writes the config file atomically.
+    pub fn write_config(&self, yaml: &str) -> std::io::Result<()> {
+        crate::fsutil::write_atomic(&self.config_path(), yaml.as_bytes(), 0o600)
+    }
+
+    /// TLS for clients of the servers (trusts the lab CA).
+    pub fn client_tls(&self) -> Result<Arc<rustls::ClientConfig>, TestApiError> {
+        crate::testapi::client_tls(&self.pki.ca_pem(), None)
+    }
+
+    /// Kills the HAProxy master the lab's agent runs, if any (cleanup).
+    pub fn kill_haproxy(&self) {
+        let pidfile = self.path("run/haproxy.pid");
+        if let Ok(pid) = std::fs::read_to_string(pidfile)
+            && let Ok(pid) = pid.trim().parse::<i32>()
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}

@@ -1,0 +1,313 @@
+//! apilb's Prometheus metrics (`apilb_` prefix), plus the standard
+//! `process_*` metrics of the agent.
+//!
+//! Per-master series carry only the `master` label; the address and source
+//! are in `apilb_master_info`, so a changed address does not fork every
+//! series.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::haproxy::stat::ServerState;
+
+/// Every metric apilb exports.
+pub struct Metrics {
+    registry: Registry,
+    /// 1 while the master is UP (checks pass), else 0.
+    pub master_up: IntGaugeVec,
+    /// One-hot: 1 for the master's current state.
+    pub master_state: IntGaugeVec,
+    /// 1 for the current check status code (L7OK, L4CON, …).
+    pub master_check_status: IntGaugeVec,
+    /// HTTP status of the last check (0 when there was none).
+    pub master_check_http_code: IntGaugeVec,
+    /// Duration of the last check.
+    pub master_check_duration_seconds: GaugeVec,
+    /// Current connections through the checked server.
+    pub master_sessions: IntGaugeVec,
+    /// Current connections through the fail-open twin.
+    pub master_fallback_sessions: IntGaugeVec,
+    /// Connection errors to the master.
+    pub master_connection_errors_total: IntCounterVec,
+    /// State transitions, by the state entered.
+    pub master_transitions_total: IntCounterVec,
+    /// When the master last changed state.
+    pub master_last_transition_timestamp_seconds: GaugeVec,
+    /// Address and source of each master.
+    pub master_info: IntGaugeVec,
+    /// Masters in the configuration.
+    pub masters_configured: IntGauge,
+    /// Masters UP.
+    pub masters_healthy: IntGauge,
+    /// 1 while the HAProxy master runs and answers.
+    pub haproxy_up: IntGauge,
+    /// Reload attempts by result.
+    pub haproxy_reloads_total: IntCounterVec,
+    /// Times apilb restarted a dead HAProxy.
+    pub haproxy_restarts_total: IntCounter,
+    /// HAProxy workers, current and old (draining after a reload).
+    pub haproxy_workers: IntGaugeVec,
+    /// 1, labelled with the hash of the haproxy.cfg in effect.
+    pub config_info: IntGaugeVec,
+    /// When the config in effect was applied.
+    pub config_last_apply_timestamp_seconds: Gauge,
+    /// 1, labelled with the check's credential kind and verification.
+    pub check_auth_info: IntGaugeVec,
+    /// 1 while checks run in bootstrap mode (no credential yet: 401/403
+    /// count as alive).
+    pub check_bootstrap: IntGauge,
+    /// 1, labelled with apilb's and HAProxy's versions.
+    pub build_info: IntGaugeVec,
+    /// Failed polls of HAProxy's runtime API.
+    pub poll_errors_total: IntCounter,
+    /// Last raw counter values, to turn HAProxy's per-worker counters
+    /// (which restart at 0 after a reload) into monotonic ones.
+    last_errors: Mutex<HashMap<String, u64>>,
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    r.register(Box::new(g.clone())).expect("unique metric name");
+    g
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        let float_vec = |name: &str, help: &str, labels: &[&str]| {
+            let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+            r.register(Box::new(g.clone())).expect("unique metric name");
+            g
+        };
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let c =
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+            r.register(Box::new(c.clone())).expect("unique metric name");
+            c
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric definition");
+            r.register(Box::new(g.clone())).expect("unique metric name");
+            g
+        };
+        let m = Metrics {
+            master_up: gauge_vec(
+                &r,
+                "apilb_master_up",
+                "1 while the master passes its checks and is in rotation.",
+                &["master"],
+            ),
+            master_state: gauge_vec(
+                &r,
+                "apilb_master_state",
+                "1 for the master's current state (UP, DOWN, MAINT, DRAIN).",
+                &["master", "state"],
+            ),
+            master_check_status: gauge_vec(
+                &r,
+                "apilb_master_check_status",
+                "1 for HAProxy's current check status of the master (L7OK, L4CON, L6TOUT, L7STS, ...).",
+                &["master", "status"],
+            ),
+            master_check_http_code: gauge_vec(
+                &r,
+                "apilb_master_check_http_code",
+                "HTTP status of the master's last check; 0 when the check got no HTTP answer.",
+                &["master"],
+            ),
+            master_check_duration_seconds: float_vec(
+                "apilb_master_check_duration_seconds",
+                "Duration of the master's last check.",
+                &["master"],
+            ),
+            master_sessions: gauge_vec(
+                &r,
+                "apilb_master_sessions",
+                "Current connections through the master's checked server.",
+                &["master"],
+            ),
+            master_fallback_sessions: gauge_vec(
+                &r,
+                "apilb_master_fallback_sessions",
+                "Current connections through the master's fail-open twin (used only when every check fails).",
+                &["master"],
+            ),
+            master_connection_errors_total: counter_vec(
+                "apilb_master_connection_errors_total",
+                "Failed connection attempts to the master.",
+                &["master"],
+            ),
+            master_transitions_total: counter_vec(
+                "apilb_master_transitions_total",
+                "State transitions of the master, by the state entered.",
+                &["master", "to"],
+            ),
+            master_last_transition_timestamp_seconds: float_vec(
+                "apilb_master_last_transition_timestamp_seconds",
+                "When the master last changed state (Unix time).",
+                &["master"],
+            ),
+            master_info: gauge_vec(
+                &r,
+                "apilb_master_info",
+                "1 per configured master, with its address and where it came from.",
+                &["master", "address", "source"],
+            ),
+            masters_configured: gauge("apilb_masters_configured", "Masters in the configuration."),
+            masters_healthy: gauge("apilb_masters_healthy", "Masters passing their checks."),
+            haproxy_up: gauge(
+                "apilb_haproxy_up",
+                "1 while the HAProxy master runs and answers on its socket.",
+            ),
+            haproxy_reloads_total: counter_vec(
+                "apilb_haproxy_reloads_total",
+                "Configuration reloads by result: success, invalid_config (refused before HAProxy saw it), refused (HAProxy refused it), failed.",
+                &["result"],
+            ),
+            haproxy_restarts_total: {
+                let c = IntCounter::new(
+                    "apilb_haproxy_restarts_total",
+                    "Times apilb restarted HAProxy after it died.",
+                )
+                .expect("valid metric definition");
+                r.register(Box::new(c.clone())).expect("unique metric name");
+                c
+            },
+            haproxy_workers: gauge_vec(
+                &r,
+                "apilb_haproxy_workers",
+                "HAProxy worker processes: current, and old ones still finishing connections after a reload.",
+                &["kind"],
+            ),
+            config_info: gauge_vec(
+                &r,
+                "apilb_config_info",
+                "1, labelled with the SHA-256 of the haproxy.cfg in effect.",
+                &["hash"],
+            ),
+            config_last_apply_timestamp_seconds: {
+                let g = Gauge::new(
+                    "apilb_config_last_apply_timestamp_seconds",
+                    "When the configuration in effect was applied (Unix time).",
+                )
+                .expect("valid metric definition");
+                r.register(Box::new(g.clone())).expect("unique metric name");
+                g
+            },
+            check_auth_info: gauge_vec(
+                &r,
+                "apilb_check_auth_info",
+                "1, labelled with the credential the check presents (none, bearer, client_cert, bootstrap) and whether certificates are verified.",
+                &["mode", "verified"],
+            ),
+            check_bootstrap: gauge(
+                "apilb_check_bootstrap",
+                "1 while no credential exists yet, so checks accept 401/403 as 'alive, readiness unknown'.",
+            ),
+            build_info: gauge_vec(
+                &r,
+                "apilb_build_info",
+                "1, labelled with apilb's and HAProxy's versions.",
+                &["version", "haproxy_version"],
+            ),
+            poll_errors_total: {
+                let c = IntCounter::new(
+                    "apilb_haproxy_poll_errors_total",
+                    "Failed polls of HAProxy's runtime API.",
+                )
+                .expect("valid metric definition");
+                r.register(Box::new(c.clone())).expect("unique metric name");
+                c
+            },
+            last_errors: Mutex::new(HashMap::new()),
+            registry: r,
+        };
+        #[cfg(target_os = "linux")]
+        {
+            let pc = prometheus::process_collector::ProcessCollector::for_self();
+            let _ = m.registry.register(Box::new(pc));
+        }
+        m
+    }
+
+    /// The text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// Sets the one-hot state series of a master.
+    pub fn set_state(&self, master: &str, state: Option<ServerState>) {
+        for s in ServerState::ALL {
+            self.master_state
+                .with_label_values(&[master, s.as_str()])
+                .set(i64::from(Some(s) == state));
+        }
+        self.master_up
+            .with_label_values(&[master])
+            .set(i64::from(state == Some(ServerState::Up)));
+    }
+
+    /// Sets the current check status of a master, dropping the previous one.
+    pub fn set_check_status(&self, master: &str, previous: Option<&str>, current: &str) {
+        if let Some(p) = previous.filter(|p| *p != current) {
+            let _ = self.master_check_status.remove_label_values(&[master, p]);
+        }
+        if !current.is_empty() {
+            self.master_check_status
+                .with_label_values(&[master, current])
+                .set(1);
+        }
+    }
+
+    /// Adds HAProxy's connection-error count for a master to the monotonic
+    /// counter, coping with HAProxy restarting its count at a reload.
+    pub fn observe_connection_errors(&self, master: &str, raw: u64) {
+        let mut last = self.last_errors.lock().unwrap_or_else(|e| e.into_inner());
+        let prev = last.insert(master.to_owned(), raw).unwrap_or(0);
+        let delta = if raw >= prev { raw - prev } else { raw };
+        if delta > 0 {
+            self.master_connection_errors_total
+                .with_label_values(&[master])
+                .inc_by(delta);
+        }
+    }
+
+    /// Removes every series of a master that left the configuration.
+    pub fn forget_master(&self, master: &str) {
+        for vec in [
+            &self.master_up,
+            &self.master_check_http_code,
+            &self.master_sessions,
+            &self.master_fallback_sessions,
+        ] {
+            let _ = vec.remove_label_values(&[master]);
+        }
+        for s in ServerState::ALL {
+            let _ = self.master_state.remove_label_values(&[master, s.as_str()]);
+        }
+        let _ = self
+            .master_check_duration_seconds
+            .remove_label_values(&[master]);
+        let _ = self
+            .master_last_transition_timestamp_seconds
+            .remove_label_values(&[master]);
+        self.last_errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(master);
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

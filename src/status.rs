@@ -1,0 +1,154 @@
+//! The agent's picture of the node: what `/status` serves, what
+//! `apilb status` prints and what `/readyz` and systemd's STATUS= derive
+//! from.
+
+use serde::{Deserialize, Serialize};
+
+/// Everything an operator needs to see at a glance.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    /// apilb's version.
+    pub version: String,
+    /// The local endpoint.
+    pub listen: String,
+    /// The HAProxy process.
+    pub haproxy: HaproxyStatus,
+    /// The configuration in effect.
+    pub config: ConfigStatus,
+    /// How the check authenticates and verifies.
+    pub check: CheckStatus,
+    /// One entry per master, in config order.
+    pub masters: Vec<MasterStatus>,
+}
+
+/// The HAProxy process tree.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct HaproxyStatus {
+    /// True while the master runs and answers.
+    pub running: bool,
+    /// HAProxy's version.
+    pub version: String,
+    /// The master's pid.
+    pub master_pid: Option<u32>,
+    /// Current worker pids.
+    pub workers: Vec<u32>,
+    /// Workers from before a reload still finishing connections.
+    pub old_workers: Vec<u32>,
+    /// True when this agent adopted a running master.
+    pub adopted: bool,
+    /// Times apilb restarted HAProxy after it died.
+    pub restarts: u64,
+    /// True while the frontend accepts connections.
+    pub frontend_open: bool,
+}
+
+/// The configuration in effect and the last attempt to change it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ConfigStatus {
+    /// The YAML file.
+    pub path: String,
+    /// SHA-256 of the haproxy.cfg HAProxy runs.
+    pub hash: String,
+    /// When it was applied (seconds since the epoch).
+    pub applied_at: Option<f64>,
+    /// The last reload attempt.
+    pub last_reload: Option<ReloadRecord>,
+    /// Why the current config file is not applied, if it is not.
+    pub pending_error: Option<String>,
+}
+
+/// One reload attempt.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ReloadRecord {
+    /// When (seconds since the epoch).
+    pub at: f64,
+    /// `success`, `invalid_config`, `refused` or `failed`.
+    pub result: String,
+    /// Details for anything but success.
+    pub message: Option<String>,
+}
+
+/// The check's credential and verification.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct CheckStatus {
+    /// `none`, `bearer`, `client_cert` or `bootstrap`.
+    pub auth: String,
+    /// Where the credential came from.
+    pub source: String,
+    /// True when the servers' certificates are verified.
+    pub verified: bool,
+}
+
+/// One master as HAProxy sees it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct MasterStatus {
+    /// Its name.
+    pub name: String,
+    /// Its address.
+    pub address: String,
+    /// Where it came from: `static`, `discovered` or `persisted`.
+    pub source: String,
+    /// UP, DOWN, MAINT or DRAIN; `unknown` before the first poll.
+    pub state: String,
+    /// HAProxy's check status code, e.g. L7OK, L4CON, L6TOUT, L7STS.
+    pub check_status: String,
+    /// HAProxy's description of it, e.g. "Layer7 wrong status".
+    pub check_desc: String,
+    /// HTTP status of the last check.
+    pub check_code: Option<u16>,
+    /// Extra detail, e.g. "Connection refused".
+    pub check_info: String,
+    /// Duration of the last check in milliseconds.
+    pub check_duration_ms: Option<u64>,
+    /// Seconds since the last state change.
+    pub since_change_s: Option<u64>,
+    /// Current connections through the checked server.
+    pub sessions: u64,
+    /// Current connections through its fail-open twin.
+    pub fallback_sessions: u64,
+    /// Connection errors.
+    pub connect_errors: u64,
+}
+
+impl Status {
+    /// Masters currently UP.
+    pub fn healthy(&self) -> usize {
+        self.masters.iter().filter(|m| m.state == "UP").count()
+    }
+
+    /// `Ok` when the local endpoint serves through at least one healthy
+    /// master; otherwise why not.
+    pub fn readiness(&self) -> Result<(), String> {
+        if !self.haproxy.running {
+            return Err("HAProxy is not running".into());
+        }
+        if !self.haproxy.frontend_open {
+            return Err(format!(
+                "the frontend on {} is not accepting connections",
+                self.listen
+            ));
+        }
+        if self.healthy() == 0 {
+            return Err(format!(
+                "no healthy master (0/{}); connections fail open to every master",
+                self.masters.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// One line for systemd's STATUS=, e.g. "3/3 masters up".
+    pub fn summary(&self) -> String {
+        let mut s = format!("{}/{} masters up", self.healthy(), self.masters.len());
+        if !self.haproxy.running {
+            s = format!("HAProxy not running; {s}");
+        }
+        if self.check.auth == "bootstrap" {
+            s.push_str("; bootstrap checks (no credential yet)");
+        }
+        if self.config.pending_error.is_some() {
+            s.push_str("; config change rejected");
+        }
+        s
+    }
+}

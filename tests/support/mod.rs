@@ -1,0 +1,249 @@
+//! Shared scaffolding of the integration tests: a lab (test API servers,
+//! PKI, config) and an in-process agent, torn down on drop, HAProxy
+//! included.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use apilb::agent::{self, Control, Exit, Handle};
+#[allow(unused_imports)]
+pub use apilb::lab::LabAuth;
+use apilb::lab::{Lab, LabOptions};
+use apilb::status::Status;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Logs from the agent and HAProxy, shown for failing tests.
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("APILB_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_ansi(false)
+        .with_test_writer()
+        .try_init();
+}
+
+/// A lab and, once started, its agent. Dropping it kills HAProxy.
+pub struct Env {
+    pub lab: Lab,
+    pub agent: Option<Handle>,
+}
+
+impl Env {
+    pub async fn new(opts: LabOptions) -> Env {
+        init_logs();
+        let lab = Lab::start(opts).await.expect("lab");
+        Env { lab, agent: None }
+    }
+
+    pub async fn start_agent(&mut self) -> &Handle {
+        let handle = agent::start(agent::Options {
+            config_path: self.lab.config_path(),
+            shutdown_grace: Duration::from_secs(1),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("agent start: {e}"));
+        self.agent = Some(handle);
+        self.agent.as_ref().unwrap()
+    }
+
+    pub fn agent(&self) -> &Handle {
+        self.agent.as_ref().expect("agent started")
+    }
+
+    /// Waits until the status satisfies `pred`, at most `limit`.
+    pub async fn wait_status(
+        &self,
+        limit: Duration,
+        what: &str,
+        pred: impl Fn(&Status) -> bool,
+    ) -> Status {
+        let mut rx = self.agent().status();
+        let result = tokio::time::timeout(limit, async {
+            loop {
+                {
+                    let s = rx.borrow_and_update();
+                    if pred(&s) {
+                        return s.clone();
+                    }
+                }
+                if rx.changed().await.is_err() {
+                    panic!("agent exited while waiting for: {what}");
+                }
+            }
+        })
+        .await;
+        match result {
+            Ok(s) => s,
+            Err(_) => panic!(
+                "timed out after {limit:?} waiting for: {what}\nstatus: {:#?}",
+                rx.borrow()
+            ),
+        }
+    }
+
+    pub async fn wait_all_up(&self) -> Status {
+        let n = self.lab.servers.len();
+        self.wait_status(
+            Duration::from_secs(15),
+            "every master UP with a passed check",
+            move |s| {
+                s.masters.len() == n
+                    && s.masters
+                        .iter()
+                        .all(|m| m.state == "UP" && m.check_status == "L7OK")
+            },
+        )
+        .await
+    }
+
+    pub async fn stop_agent(&mut self) -> Exit {
+        let h = self.agent.take().expect("agent started");
+        h.send(Control::Shutdown).await;
+        h.wait().await
+    }
+
+    pub fn haproxy_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.lab.path("run/haproxy.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.lab.kill_haproxy();
+    }
+}
+
+/// A plain HTTP/1.1 GET; returns status code and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr)
+        .await
+        .expect("connect to metrics endpoint");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    let code = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (code, body)
+}
+
+pub use apilb::haproxy::supervisor::alive;
+
+/// Polls `f` every 20 ms until it returns true, at most `limit`; returns
+/// how long it took.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut f: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = tokio::time::Instant::now();
+    loop {
+        if f().await {
+            return start.elapsed();
+        }
+        if start.elapsed() > limit {
+            panic!("timed out after {limit:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Which master answers a fresh connection through the load balancer.
+pub async fn served_by(env: &Env) -> Result<String, String> {
+    let tls = env.lab.client_tls().map_err(|e| e.to_string())?;
+    let mut s = apilb::testapi::Session::connect(env.lab.listen, tls, Some(&env.lab.token)).await?;
+    s.served_by().await
+}
+
+/// `apilb` as a separate process (for SIGKILL and systemd tests), with its
+/// logs in a file of the lab.
+pub struct AgentProcess {
+    pub child: std::process::Child,
+    pub log: std::path::PathBuf,
+}
+
+impl AgentProcess {
+    pub fn spawn(lab: &Lab, name: &str, extra_env: &[(&str, &str)]) -> AgentProcess {
+        let log = lab.path(&format!("{name}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_apilb"));
+        cmd.args(["run", "--shutdown-grace", "1s", "--config"])
+            .arg(lab.config_path())
+            .env(
+                "PATH",
+                format!("{}:/usr/sbin", std::env::var("PATH").unwrap_or_default()),
+            )
+            .stdout(std::process::Stdio::null())
+            .stderr(file);
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        AgentProcess {
+            child: cmd.spawn().expect("spawn apilb"),
+            log,
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig);
+    }
+
+    /// Waits until the agent's /readyz answers 200.
+    pub async fn wait_ready(&mut self, lab: &Lab) {
+        let addr = lab.metrics;
+        let limit = Duration::from_secs(20);
+        let start = tokio::time::Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("apilb exited with {status}:\n{}", self.logs());
+            }
+            if tokio::net::TcpStream::connect(addr).await.is_ok()
+                && http_get(addr, "/readyz").await.0 == 200
+            {
+                return;
+            }
+            if start.elapsed() > limit {
+                panic!("apilb not ready after {limit:?}:\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let start = std::time::Instant::now();
+        while start.elapsed() < limit {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
