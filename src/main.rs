@@ -78,6 +78,17 @@ enum Command {
         #[arg(long)]
         show_secrets: bool,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `apilb man | man -l -`.
+    Man {
+        /// Write apilb.1 and one page per subcommand (apilb-run.1, …) here.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
     /// Validate the configuration without touching anything that runs.
     ///
     /// Parses the YAML, reads the files it names (CA, credentials,
@@ -172,6 +183,25 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Check => check(&cli.config).await,
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "apilb", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man { out_dir } => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            let fail =
+                |e: std::io::Error| (EXIT_FAILURE, format!("cannot write the manual pages: {e}"));
+            match out_dir {
+                Some(dir) => {
+                    std::fs::create_dir_all(&dir).map_err(fail)?;
+                    clap_mangen::generate_to(cmd, &dir).map_err(fail)
+                }
+                None => clap_mangen::Man::new(cmd)
+                    .render(&mut std::io::stdout())
+                    .map_err(fail),
+            }
+        }
     }
 }
 
