@@ -940,7 +940,7 @@ impl Agent {
                             from = prev.as_str(),
                             to = state.as_str(),
                             check = %row.check_status,
-                            "master {name} is {} (was {}): {} {}{code}{info}",
+                            "{name} is {} (was {}): {} {}{code}{info}",
                             state.as_str(),
                             prev.as_str(),
                             row.check_status,

@@ -176,7 +176,8 @@ impl Lab {
             .collect()
     }
 
-    /// The lab's apilb.yaml, with `extra` top-level YAML appended.
+    /// The lab's apilb.yaml, with `extra` YAML appended. The `haproxy:`
+    /// section comes last, so indented lines in `extra` extend it.
     pub fn config_yaml(&self, extra: &str) -> String {
         let all: Vec<&ApiServer> = self.servers.iter().collect();
         self.config_yaml_for(&all, extra)

@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod config;
+pub mod demo;
 pub mod fsutil;
 pub mod haproxy;
 pub mod http;

@@ -59,6 +59,19 @@ enum Command {
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
         shutdown_grace: Duration,
     },
+    /// Try apilb on this machine: three local test API servers behind the
+    /// real agent and HAProxy on 127.0.0.1:16443 (or a free port).
+    ///
+    /// The servers speak real TLS with a CA generated on the fly and have
+    /// anonymous auth off, like k3s; the checks use a verified client
+    /// certificate. Break masters from the prompt (crash, hang, fail) and
+    /// watch the failover. Ctrl-C stops everything and removes every file.
+    /// Needs HAProxy 2.4+ installed; runs without root.
+    Demo {
+        /// The HAProxy binary to use.
+        #[arg(long, default_value = "haproxy")]
+        haproxy: String,
+    },
     /// Show what the running agent sees: masters, checks, HAProxy, config.
     Status {
         /// Print the raw JSON (for scripts).
@@ -102,12 +115,16 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     s.parse::<apilb::config::Duration>().map(|d| d.std())
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, default_filter: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("APILB_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_env("APILB_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter));
+    use std::io::IsTerminal;
+    // Colours only on a terminal: journald and files get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
@@ -127,7 +144,11 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    match runtime.block_on(dispatch(cli)) {
+    let result = runtime.block_on(dispatch(cli));
+    // A blocking read of stdin (the demo's prompt) would otherwise keep the
+    // process alive after everything else has stopped.
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err((code, message)) => {
             eprintln!("apilb: {message}");
@@ -145,12 +166,19 @@ fn config_error(e: impl std::fmt::Display) -> Failure {
 async fn dispatch(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Run { shutdown_grace } => {
-            init_logging(cli.log_format);
+            init_logging(cli.log_format, "info");
             run(agent::Options {
                 config_path: cli.config,
                 shutdown_grace,
             })
             .await
+        }
+        Command::Demo { haproxy } => {
+            // State changes (apilb) and HAProxy's warnings; not every notice.
+            init_logging(cli.log_format, "warn,apilb::agent=info");
+            apilb::demo::run(&haproxy)
+                .await
+                .map_err(|e| (EXIT_FAILURE, e.to_string()))
         }
         Command::Status { json } => status(&cli.config, json).await,
         Command::Render {
@@ -206,6 +234,16 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
 }
 
 async fn run(options: agent::Options) -> Result<(), Failure> {
+    // Registered before anything starts, so a signal during start-up (or
+    // right after READY=1) is handled, not fatal.
+    let (Ok(mut hup), Ok(mut term), Ok(mut int), Ok(mut usr2)) = (
+        signal(SignalKind::hangup()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::user_defined2()),
+    ) else {
+        return Err((EXIT_FAILURE, "cannot install signal handlers".into()));
+    };
     let handle = agent::start(options).await.map_err(|e| {
         let code = if e.is_config() {
             EXIT_CONFIG
@@ -220,15 +258,6 @@ async fn run(options: agent::Options) -> Result<(), Failure> {
 
     let control = handle.controller();
     let signals = tokio::spawn(async move {
-        let (Ok(mut hup), Ok(mut term), Ok(mut int), Ok(mut usr2)) = (
-            signal(SignalKind::hangup()),
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::user_defined2()),
-        ) else {
-            tracing::error!("cannot install signal handlers");
-            return;
-        };
         loop {
             let c = tokio::select! {
                 _ = hup.recv() => Control::Reload,

@@ -180,10 +180,20 @@ pub struct AgentProcess {
 
 impl AgentProcess {
     pub fn spawn(lab: &Lab, name: &str, extra_env: &[(&str, &str)]) -> AgentProcess {
+        Self::spawn_with(lab, name, extra_env, &[])
+    }
+
+    pub fn spawn_with(
+        lab: &Lab,
+        name: &str,
+        extra_env: &[(&str, &str)],
+        args: &[&str],
+    ) -> AgentProcess {
         let log = lab.path(&format!("{name}.log"));
         let file = std::fs::File::create(&log).unwrap();
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_apilb"));
-        cmd.args(["run", "--shutdown-grace", "1s", "--config"])
+        cmd.args(args)
+            .args(["run", "--shutdown-grace", "1s", "--config"])
             .arg(lab.config_path())
             .env(
                 "PATH",

@@ -1,0 +1,395 @@
+//! The `apilb` binary as users run it: status, demo, JSON logs, systemd
+//! readiness, the unit file, render/check exit codes.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use apilb::lab::LabOptions;
+use support::*;
+
+fn apilb() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_apilb"));
+    c.env(
+        "PATH",
+        format!("{}:/usr/sbin", std::env::var("PATH").unwrap_or_default()),
+    );
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_prints_a_true_picture_and_json() {
+    let mut env = Env::new(LabOptions::default()).await;
+    env.start_agent().await;
+    env.wait_all_up().await;
+    env.lab.servers[2].set_readyz(503);
+    env.wait_status(Duration::from_secs(10), "master-3 DOWN", |s| {
+        s.masters[2].state == "DOWN"
+    })
+    .await;
+
+    let config = env.lab.config_path();
+    let out = tokio::task::spawn_blocking(move || {
+        apilb()
+            .arg("status")
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("2/3 masters up"), "{text}");
+    assert!(
+        text.contains("MASTER") && text.contains("LAST CHECK") && text.contains("SESSIONS"),
+        "{text}"
+    );
+    let line3 = text
+        .lines()
+        .find(|l| l.starts_with("master-3"))
+        .expect("master-3 row");
+    assert!(
+        line3.contains("DOWN") && line3.contains("L7STS 503"),
+        "{line3}"
+    );
+    assert!(text.contains("Check: client_cert credential"), "{text}");
+    assert!(
+        text.contains(&format!("master {}", env.haproxy_pid().unwrap())),
+        "{text}"
+    );
+
+    let config = env.lab.config_path();
+    let out = tokio::task::spawn_blocking(move || {
+        apilb()
+            .args(["status", "--json", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    assert_eq!(json["masters"][2]["state"], "DOWN");
+    assert_eq!(json["masters"][2]["check_code"], 503);
+    assert_eq!(json["haproxy"]["running"], true);
+}
+
+#[test]
+fn status_without_an_agent_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = apilb::lab::free_port(None).unwrap();
+    let cfg = dir.path().join("apilb.yaml");
+    std::fs::write(
+        &cfg,
+        format!("masters: [10.0.0.1:6443]\nmetrics: {{listen: \"127.0.0.1:{port}\"}}\n"),
+    )
+    .unwrap();
+    let out = apilb()
+        .arg("status")
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("no apilb agent is answering on 127.0.0.1:{port}")),
+        "{err}"
+    );
+}
+
+#[test]
+fn config_errors_exit_2_with_one_line_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "masters:\n  - 10.0.0.1:6443\n  - 10.0.0.2:6443\n  - 10.0.0.3\n",
+            "masters[2]: \"10.0.0.3\" has no port",
+        ),
+        (
+            "masters: [10.0.0.1:6443]\nbalance: fastest\n",
+            "balance: unknown variant `fastest`",
+        ),
+        (
+            "masters: [10.0.0.1:6443]\nhealth:\n  timeout: 5\n",
+            "health.timeout: 5 needs a unit",
+        ),
+        (
+            "masters: [10.0.0.1:6443]\nhealth:\n  auth: {mode: none}\n  tls: {ca_file: /nonexistent/ca.crt}\n",
+            "health.tls.ca_file: /nonexistent/ca.crt: no such file",
+        ),
+        (
+            "masters: [10.0.0.1:6443, 10.0.0.1:6443]\n",
+            "masters[1]: 10.0.0.1:6443 is listed twice",
+        ),
+    ];
+    for (yaml, want) in cases {
+        let cfg = dir.path().join("apilb.yaml");
+        std::fs::write(&cfg, yaml).unwrap();
+        for cmd in ["check", "render", "run"] {
+            let out = apilb().arg(cmd).arg("--config").arg(&cfg).output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{cmd} on {yaml:?}: {err}");
+            let last = err.lines().last().unwrap_or_default();
+            assert!(
+                last.contains(want),
+                "{cmd}: {err:?} does not contain {want:?}"
+            );
+            assert_eq!(
+                err.lines().filter(|l| l.starts_with("apilb: ")).count(),
+                1,
+                "{err}"
+            );
+        }
+    }
+}
+
+#[test]
+fn render_redacts_secrets_unless_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), "s3cr3t-t0ken-value\n").unwrap();
+    let cfg = dir.path().join("apilb.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "masters: [10.0.0.1:6443]\nhealth:\n  tls: {{insecure_skip_verify: true}}\n  auth: {{mode: bearer, token_file: {}/token}}\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let out = apilb()
+        .arg("render")
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        !text.contains("s3cr3t-t0ken-value") && text.contains("'Bearer <redacted>'"),
+        "{text}"
+    );
+    let out = apilb()
+        .args(["render", "--show-secrets", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("'Bearer s3cr3t-t0ken-value'"));
+    let file = dir.path().join("out.cfg");
+    let out = apilb()
+        .args(["render", "--config"])
+        .arg(&cfg)
+        .arg("-o")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_and_systemd_readiness() {
+    use std::os::unix::net::UnixDatagram;
+    let env = Env::new(LabOptions::default()).await;
+    let notify_path = env.lab.path("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let notify_env = notify_path.display().to_string();
+    let mut agent = AgentProcess::spawn_with(
+        &env.lab,
+        "notify",
+        &[("NOTIFY_SOCKET", &notify_env)],
+        &["--log-format", "json"],
+    );
+    let listen = env.lab.listen;
+    let messages = tokio::task::spawn_blocking(move || {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 512];
+        while let Ok(n) = notify.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if msg.contains("READY=1") {
+                // READY=1 comes only once the frontend accepts connections.
+                assert!(
+                    std::net::TcpStream::connect(listen).is_ok(),
+                    "READY=1 before the frontend accepts"
+                );
+            }
+            got.push(msg);
+            if got.iter().any(|m| m.contains("READY=1"))
+                && got.iter().any(|m| m == "STATUS=3/3 masters up")
+            {
+                break;
+            }
+        }
+        got
+    })
+    .await
+    .unwrap();
+    assert!(messages.iter().any(|m| m == "READY=1"), "{messages:?}");
+    assert!(
+        messages.iter().any(|m| m == "STATUS=3/3 masters up"),
+        "{messages:?}"
+    );
+    // HAProxy does not inherit the notify socket.
+    let pid = env.haproxy_pid().unwrap();
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    assert!(!String::from_utf8_lossy(&environ).contains("NOTIFY_SOCKET"));
+
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    let exit = agent.wait_exit(Duration::from_secs(10));
+    let logs = agent.logs();
+    assert!(exit.is_some_and(|e| e.success()), "{exit:?}\n{logs}");
+    let lines: Vec<&str> = logs.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() > 3, "{logs}");
+    for l in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(
+            v.get("level").is_some() && v.get("message").is_some(),
+            "{l}"
+        );
+    }
+    assert!(
+        logs.contains("\"target\":\"haproxy\""),
+        "HAProxy's output is in apilb's log"
+    );
+    assert!(!logs.contains('\u{1b}'), "no terminal colours in logs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_runs_shows_failover_and_cleans_up_on_ctrl_c() {
+    /// Kills the demo and its HAProxy if the test fails midway.
+    struct Guard(std::process::Child, Option<u32>);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+            if let Some(pid) = self.1 {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+    let child = apilb()
+        .arg("demo")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut guard = Guard(child, None);
+    let child = &mut guard.0;
+    let mut stdin = child.stdin.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    for pipe in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+    }
+    let mut seen = String::new();
+    let mut wait_for = |needle: &str, limit: Duration| {
+        let start = std::time::Instant::now();
+        while !seen.contains(needle) {
+            let left = limit
+                .checked_sub(start.elapsed())
+                .unwrap_or_else(|| panic!("no {needle:?} in:\n{seen}"));
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    seen.push_str(&line);
+                    seen.push('\n');
+                }
+                Err(_) => panic!("no {needle:?} in:\n{seen}"),
+            }
+        }
+        seen.clone()
+    };
+    wait_for("3/3 masters up", Duration::from_secs(30));
+    let out = wait_for("Check: client_cert", Duration::from_secs(5));
+    let dir = out
+        .split("config          ")
+        .nth(1)
+        .and_then(|r| r.split("/apilb.yaml").next())
+        .unwrap()
+        .to_owned();
+    let pid: i32 = out
+        .split("master ")
+        .filter_map(|r| r.split(',').next()?.trim().parse().ok())
+        .next()
+        .unwrap();
+    guard.1 = Some(pid as u32);
+    assert!(out.contains("local endpoint  https://127.0.0.1:"), "{out}");
+    writeln!(stdin, "hang 1").unwrap();
+    // A timeout at layer 6 (TLS handshake) or 7 (HTTP), depending on where
+    // the check was when the master hung.
+    let out = wait_for("master-1 is DOWN (was UP): L", Duration::from_secs(15));
+    let line = out
+        .lines()
+        .find(|l| l.contains("master-1 is DOWN (was UP)"))
+        .unwrap();
+    assert!(line.contains("TOUT"), "{line}");
+    writeln!(stdin, "resume 1").unwrap();
+    wait_for("master-1 is UP (was DOWN)", Duration::from_secs(15));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "demo exit: {status}");
+    wait_for("removed", Duration::from_secs(5));
+    assert!(!alive(pid as u32), "the demo left HAProxy running");
+    assert!(!std::path::Path::new(&dir).exists(), "the demo left {dir}");
+}
+
+#[test]
+fn the_unit_file_verifies() {
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("systemd-analyze is not installed; skipping unit verification");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/apilb.service"
+    ))
+    .unwrap();
+    let unit = unit.replace("/usr/bin/apilb", env!("CARGO_BIN_EXE_apilb"));
+    let path = dir.path().join("apilb.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !err.contains("apilb.service"),
+        "{err}"
+    );
+}
