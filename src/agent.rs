@@ -152,6 +152,12 @@ impl Handle {
         self.metrics_addr
     }
 
+    /// Stops the agent task at once, without touching HAProxy (for tests
+    /// tearing down, and the equivalent of the agent being killed).
+    pub fn abort(&self) {
+        self.task.abort();
+    }
+
     /// Waits until the agent exits.
     pub async fn wait(self) -> Exit {
         self.task.await.unwrap_or(Exit::Forced)

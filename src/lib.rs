@@ -15,6 +15,7 @@ pub mod http;
 pub mod inputs;
 pub mod lab;
 pub mod metrics;
+pub mod probe;
 pub mod render;
 pub mod status;
 pub mod status_client;

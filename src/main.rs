@@ -72,6 +72,17 @@ enum Command {
         #[arg(long, default_value = "haproxy")]
         haproxy: String,
     },
+    /// Run the health check from here, step by step, and explain failures.
+    ///
+    /// Uses the same CA, server name and credential as HAProxy's check.
+    /// Prints the TCP connect time, the TLS handshake and the server
+    /// certificate (subject, names, expiry), the HTTP status, the
+    /// /readyz?verbose output on failure, and a diagnosis in plain words.
+    /// Exits 1 if any master fails.
+    Probe {
+        /// Masters to probe, by name or address (default: all).
+        masters: Vec<String>,
+    },
     /// Show what the running agent sees: masters, checks, HAProxy, config.
     Status {
         /// Print the raw JSON (for scripts).
@@ -181,6 +192,26 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
                 .map_err(|e| (EXIT_FAILURE, e.to_string()))
         }
         Command::Status { json } => status(&cli.config, json).await,
+        Command::Probe { masters } => {
+            let loaded = apilb::load(&cli.config, None).map_err(config_error)?;
+            for note in &loaded.inputs.check.notes {
+                println!("note: {note}");
+            }
+            let reports = apilb::probe::probe_all(&loaded.config, &loaded.inputs, &masters)
+                .await
+                .map_err(|e| (EXIT_CONFIG, e))?;
+            for r in &reports {
+                println!("{}", apilb::probe::render(r));
+            }
+            let failed = reports.iter().filter(|r| !r.ok).count();
+            if failed > 0 {
+                return Err((
+                    EXIT_FAILURE,
+                    format!("{failed} of {} masters failed the check", reports.len()),
+                ));
+            }
+            Ok(())
+        }
         Command::Render {
             output,
             show_secrets,

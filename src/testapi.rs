@@ -18,6 +18,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -127,6 +128,11 @@ impl Pki {
         if expired {
             params.not_before = rcgen::date_time_ymd(2000, 1, 1);
             params.not_after = rcgen::date_time_ymd(2001, 1, 1);
+        } else {
+            // Valid for a year from yesterday, like a real cluster's certs.
+            let (y, m, d) = civil_today();
+            params.not_before = rcgen::date_time_ymd(y, m, d.saturating_sub(1).max(1));
+            params.not_after = rcgen::date_time_ymd(y + 1, m, d);
         }
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.ca)?;
@@ -135,6 +141,26 @@ impl Pki {
             key_pem: key.serialize_pem(),
         })
     }
+}
+
+/// Today's UTC date (year, month, day), from the Unix clock.
+fn civil_today() -> (i32, u8, u8) {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    // Howard Hinnant's days-to-civil algorithm.
+    let z = (secs / 86_400) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u8;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
+    let y = (yoe + era * 400 + i64::from(m <= 2)) as i32;
+    // Day 29-31 does not exist in every month of next year; stay safe.
+    (y, m, d.min(28))
 }
 
 /// Who may call `/readyz`, `/version` and the other endpoints.
@@ -221,6 +247,39 @@ impl Freeze {
 struct Gated {
     inner: TcpStream,
     freeze: Arc<Freeze>,
+    sockets: Arc<Sockets>,
+}
+
+impl Drop for Gated {
+    fn drop(&mut self) {
+        // Unregistered before the socket closes (fields drop after this),
+        // so `crash` never shuts down a reused descriptor number.
+        self.sockets.remove(self.inner.as_raw_fd());
+    }
+}
+
+/// The descriptors of a server's listener and connections, so `crash` can
+/// close them all at once, as the kernel does when a process dies.
+#[derive(Default)]
+struct Sockets(Mutex<std::collections::HashSet<RawFd>>);
+
+impl Sockets {
+    fn add(&self, fd: RawFd) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(fd);
+    }
+    fn remove(&self, fd: RawFd) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&fd);
+    }
+    /// shutdown(2) on every registered socket: new connections are refused
+    /// and established ones see their peer vanish, synchronously.
+    fn shutdown_all(&self) {
+        let mut set = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        for fd in set.drain() {
+            // SAFETY: every registered fd is open: it is removed (under
+            // this lock) before its owner closes it.
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        }
+    }
 }
 
 impl AsyncRead for Gated {
@@ -264,6 +323,7 @@ struct Shared {
     freeze: Arc<Freeze>,
     stats: ApiStats,
     tls: Arc<rustls::ServerConfig>,
+    sockets: Arc<Sockets>,
 }
 
 /// A running test API server. Dropping it stops it.
@@ -284,10 +344,11 @@ impl ApiServer {
             freeze: Arc::default(),
             stats: ApiStats::default(),
             tls: Arc::new(tls),
+            sockets: Arc::default(),
         });
         let listener = TcpListener::bind(opts.bind).await?;
         let addr = listener.local_addr()?;
-        let task = tokio::spawn(serve(listener, shared.clone()));
+        let task = spawn_serve(listener, shared.clone());
         Ok(ApiServer {
             shared,
             addr,
@@ -318,6 +379,8 @@ impl ApiServer {
     /// Like SIGKILL: closes every connection and stops listening.
     pub fn crash(&self) {
         if let Some(task) = self.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            // Close everything now; the aborted task frees the rest later.
+            self.shared.sockets.shutdown_all();
             task.abort();
         }
         self.shared.freeze.set(false);
@@ -335,7 +398,7 @@ impl ApiServer {
     pub async fn restart(&self) -> Result<(), TestApiError> {
         self.crash();
         let listener = TcpListener::bind(self.addr).await?;
-        let task = tokio::spawn(serve(listener, self.shared.clone()));
+        let task = spawn_serve(listener, self.shared.clone());
         *self.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
         Ok(())
     }
@@ -406,7 +469,22 @@ fn server_tls(
     Ok(config)
 }
 
+/// Registers the listener's descriptor for `crash` and serves on it.
+fn spawn_serve(listener: TcpListener, shared: Arc<Shared>) -> JoinHandle<()> {
+    shared.sockets.add(listener.as_raw_fd());
+    tokio::spawn(serve(listener, shared))
+}
+
 async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    // Unregister the listener before it closes, whenever this task ends.
+    struct Unregister(Arc<Sockets>, RawFd);
+    impl Drop for Unregister {
+        fn drop(&mut self) {
+            self.0.remove(self.1);
+        }
+    }
+    let _unregister = Unregister(shared.sockets.clone(), listener.as_raw_fd());
+    let listener = listener;
     let acceptor = tokio_rustls::TlsAcceptor::from(shared.tls.clone());
     // Dropping the set (when this task is aborted) aborts every connection.
     let mut conns = tokio::task::JoinSet::new();
@@ -419,6 +497,7 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
         };
         let Ok((tcp, _)) = accepted else { continue };
+        shared.sockets.add(tcp.as_raw_fd());
         shared.stats.connections.fetch_add(1, Ordering::SeqCst);
         let shared = shared.clone();
         let acceptor = acceptor.clone();
@@ -428,6 +507,7 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             let gated = Gated {
                 inner: tcp,
                 freeze: shared.freeze.clone(),
+                sockets: shared.sockets.clone(),
             };
             let Ok(tls) = acceptor.accept(gated).await else {
                 return;
@@ -636,17 +716,57 @@ fn server_name_of(version_json: &str) -> Option<String> {
     v.get("apilbServer")?.as_str().map(str::to_owned)
 }
 
+/// One failed attempt of a [`Load`] client.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// When the attempt started.
+    pub started: Instant,
+    /// When it failed.
+    pub ended: Instant,
+    /// Why.
+    pub error: String,
+}
+
 /// Outcome of a [`Load`] run.
 #[derive(Debug, Default, Clone)]
 pub struct LoadReport {
     /// Requests that completed with 200.
     pub ok: u64,
-    /// Requests that failed, by reason.
+    /// Requests that failed.
     pub failed: u64,
     /// The first failures, for diagnosis.
     pub errors: Vec<String>,
+    /// Every failure with its timing (the first 1000).
+    pub failures: Vec<Failure>,
     /// Successful requests per serving master.
     pub by_server: HashMap<String, u64>,
+    /// Successful requests that started at or after each instant passed to
+    /// [`LoadReport::ok_since`] are counted from `successes`.
+    pub successes: Vec<(Instant, String)>,
+}
+
+impl LoadReport {
+    /// Failures of attempts that started at or after `t`.
+    pub fn failed_since(&self, t: Instant) -> Vec<&Failure> {
+        self.failures.iter().filter(|f| f.started >= t).collect()
+    }
+    /// Failures of attempts in flight at `t` (started before, ended after).
+    pub fn cut_at(&self, t: Instant) -> Vec<&Failure> {
+        self.failures
+            .iter()
+            .filter(|f| f.started < t && f.ended >= t)
+            .collect()
+    }
+    /// Successful attempts that started at or after `t`, by server.
+    pub fn ok_since(&self, t: Instant) -> HashMap<String, u64> {
+        let mut m = HashMap::new();
+        for (at, s) in &self.successes {
+            if *at >= t {
+                *m.entry(s.clone()).or_default() += 1;
+            }
+        }
+        m
+    }
 }
 
 /// Clients opening a new connection for every request, continuously, as
@@ -682,7 +802,10 @@ impl Load {
                         match outcome {
                             Ok(server) => {
                                 report.ok += 1;
-                                *report.by_server.entry(server).or_default() += 1;
+                                *report.by_server.entry(server.clone()).or_default() += 1;
+                                if report.successes.len() < 200_000 {
+                                    report.successes.push((started, server));
+                                }
                             }
                             Err(e) => {
                                 report.failed += 1;
@@ -690,6 +813,13 @@ impl Load {
                                     report
                                         .errors
                                         .push(format!("{e} (after {:?})", started.elapsed()));
+                                }
+                                if report.failures.len() < 1000 {
+                                    report.failures.push(Failure {
+                                        started,
+                                        ended: Instant::now(),
+                                        error: e,
+                                    });
                                 }
                             }
                         }
@@ -710,6 +840,8 @@ impl Load {
                 total.ok += r.ok;
                 total.failed += r.failed;
                 total.errors.extend(r.errors);
+                total.failures.extend(r.failures);
+                total.successes.extend(r.successes);
                 for (k, v) in r.by_server {
                     *total.by_server.entry(k).or_default() += v;
                 }

@@ -494,3 +494,42 @@ async fn haproxy_stats_and_exporter_require_auth() {
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(cfg.permissions().mode() & 0o777, 0o600);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_stop_request_forces_the_stop() {
+    let mut env = Env::new(LabOptions::default()).await;
+    // A long grace period that a held connection would use up.
+    let handle = apilb::agent::start(apilb::agent::Options {
+        config_path: env.lab.config_path(),
+        shutdown_grace: Duration::from_secs(60),
+    })
+    .await
+    .unwrap();
+    env.agent = Some(handle);
+    env.wait_all_up().await;
+    let pid = env.haproxy_pid().unwrap();
+    let mut held = Session::connect(
+        env.lab.listen,
+        env.lab.client_tls().unwrap(),
+        Some(&env.lab.token),
+    )
+    .await
+    .unwrap();
+    held.served_by().await.unwrap();
+    let h = env.agent.take().unwrap();
+    h.send(apilb::agent::Control::Shutdown).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        alive(pid),
+        "the graceful stop waits for the held connection"
+    );
+    let started = std::time::Instant::now();
+    h.send(apilb::agent::Control::Shutdown).await;
+    assert_eq!(h.wait().await, Exit::Forced);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "forced stop took {:?}",
+        started.elapsed()
+    );
+    assert!(!alive(pid));
+}

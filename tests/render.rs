@@ -162,7 +162,7 @@ fn every_master_has_a_checked_line_and_a_fail_open_twin() {
             "option allbackups",
             "option redispatch 1",
             "on-marked-down shutdown-sessions",
-            "observe layer4 error-limit 10 on-error mark-down",
+            "observe layer4 error-limit 10 on-error fastinter",
             "mode 600 level admin",
             "hard-stop-after ",
         ] {

@@ -117,6 +117,9 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
+        if let Some(agent) = self.agent.take() {
+            agent.abort();
+        }
         self.lab.kill_haproxy();
     }
 }
@@ -143,6 +146,7 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (code, body)
 }
 
+#[allow(unused_imports)]
 pub use apilb::haproxy::supervisor::alive;
 
 /// Polls `f` every 20 ms until it returns true, at most `limit`; returns

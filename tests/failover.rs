@@ -1,0 +1,307 @@
+//! Failover, scenario by scenario, with the real HAProxy, test API servers
+//! and clients opening connections continuously. Defaults: interval 1s,
+//! timeout 1s, rise 2, fall 2. The bounds asserted are the ones
+//! docs/health-checks.md states; each test prints what it measured.
+//!
+//! State changes are timed by polling HAProxy's runtime API every 25 ms,
+//! not through the agent (which polls once per check interval).
+
+mod support;
+
+use std::time::Duration;
+
+use apilb::haproxy::{cli, stat};
+use apilb::lab::LabOptions;
+use apilb::testapi::{Load, LoadReport, Session};
+use support::*;
+use tokio::time::Instant;
+
+const INTERVAL: Duration = Duration::from_secs(1);
+const TIMEOUT: Duration = Duration::from_secs(1);
+/// apilb renders `fastinter` = interval / 4: the pace of checks while a
+/// master changes state.
+const FASTINTER: Duration = Duration::from_millis(250);
+const RISE: u32 = 2;
+const FALL: u32 = 2;
+
+/// A refusing or failing master is out after the next check plus fall-1
+/// fast ones.
+fn down_bound() -> Duration {
+    INTERVAL + (FALL - 1) * FASTINTER
+}
+
+/// A hung master: each of the fall checks waits the full timeout.
+fn hang_bound() -> Duration {
+    INTERVAL + FALL * TIMEOUT + (FALL - 1) * FASTINTER
+}
+
+/// A recovered master: the next check plus rise-1 fast ones.
+fn up_bound() -> Duration {
+    INTERVAL + (RISE - 1) * FASTINTER
+}
+/// Scheduling noise allowed on top of each bound (a loaded 2-core CI box).
+const SLACK: Duration = Duration::from_millis(1000);
+
+async fn env_up() -> Env {
+    let mut env = Env::new(LabOptions::default()).await;
+    env.start_agent().await;
+    env.wait_all_up().await;
+    env
+}
+
+/// Polls HAProxy until `server`'s state is `want`; returns when it was seen.
+async fn wait_state(env: &Env, server: &str, want: &str, limit: Duration) -> Instant {
+    let sock = env.lab.path("run/haproxy.sock");
+    let start = Instant::now();
+    loop {
+        if let Ok(text) = cli::command(&sock, "show stat", Duration::from_secs(2)).await
+            && let Ok(stats) = stat::parse_show_stat(&text)
+            && stats
+                .servers
+                .iter()
+                .any(|s| s.name == server && s.state().as_str() == want)
+        {
+            return Instant::now();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{server} not {want} after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A connection through the load balancer that landed on `server`.
+async fn session_on(env: &Env, server: &str) -> Session {
+    for _ in 0..50 {
+        let mut s = Session::connect(
+            env.lab.listen,
+            env.lab.client_tls().unwrap(),
+            Some(&env.lab.token),
+        )
+        .await
+        .unwrap();
+        if s.served_by().await.unwrap() == server {
+            return s;
+        }
+    }
+    panic!("no connection landed on {server}");
+}
+
+fn load(env: &Env) -> Load {
+    Load::start(
+        env.lab.listen,
+        env.lab.client_tls().unwrap(),
+        Some(env.lab.token.clone()),
+        4,
+    )
+}
+
+fn describe(r: &LoadReport) -> String {
+    format!("{} ok, {} failed: {:?}", r.ok, r.failed, r.errors)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_master_fails_no_new_connection() {
+    let env = env_up().await;
+    let clients = load(&env);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let crashed = Instant::now();
+    env.lab.servers[1].crash();
+    let down = wait_state(&env, "master-2", "DOWN", down_bound() + SLACK * 3).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let report = clients.stop().await;
+
+    let after = report.failed_since(crashed.into_std());
+    assert!(
+        after.is_empty(),
+        "connections opened after the crash failed: {after:?} ({})",
+        describe(&report)
+    );
+    // Only requests in flight on master-2 at the instant it died can fail.
+    assert_eq!(
+        report.cut_at(crashed.into_std()).len() as u64,
+        report.failed,
+        "{}",
+        describe(&report)
+    );
+    assert!(report.ok > 50, "{}", describe(&report));
+    let took = down - crashed;
+    assert!(took <= down_bound() + SLACK, "marked DOWN after {took:?}");
+    eprintln!(
+        "crash: DOWN after {took:?} (bound {:?}); {} connections after the crash, 0 failed; {} cut in flight",
+        down_bound(),
+        report.ok_since(crashed.into_std()).values().sum::<u64>(),
+        report.failed
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_master_is_marked_down_within_the_bound_and_its_sessions_closed() {
+    let env = env_up().await;
+    let mut held = session_on(&env, "master-2").await;
+    let clients = load(&env);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let hung = Instant::now();
+    env.lab.servers[1].hang();
+    let bound = hang_bound();
+    let down = wait_state(&env, "master-2", "DOWN", bound + SLACK * 3).await;
+    // on-marked-down shutdown-sessions: the client is told at once.
+    assert!(
+        held.wait_closed(Duration::from_secs(1)).await,
+        "the session on the hung master was not closed"
+    );
+    let closed = Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let report = clients.stop().await;
+
+    let took = down - hung;
+    assert!(
+        took <= bound + SLACK,
+        "marked DOWN after {took:?}, bound {bound:?}"
+    );
+    // New connections after the mark-down all succeed; the ones that were
+    // stuck on the hung master were closed at mark-down (and retried by real
+    // clients), none earlier.
+    let settled = (down + Duration::from_millis(100)).into_std();
+    let after = report.failed_since(settled);
+    assert!(
+        after.is_empty(),
+        "failures after mark-down: {after:?} ({})",
+        describe(&report)
+    );
+    for f in &report.failures {
+        assert!(
+            f.ended.duration_since(hung.into_std()) >= Duration::ZERO
+                && f.ended <= closed.into_std() + Duration::from_millis(200)
+        );
+    }
+    eprintln!(
+        "hang: DOWN after {took:?} (bound {bound:?}); held session closed {:?} after mark-down; {} connections \
+         stuck on it were closed at mark-down; {} after it, 0 failed",
+        closed - down,
+        report.failed,
+        report.ok_since(settled).values().sum::<u64>(),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_failing_readyz_leaves_rotation_and_its_sessions_are_closed() {
+    let env = env_up().await;
+    let mut held = session_on(&env, "master-2").await;
+    let clients = load(&env);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let failing = Instant::now();
+    env.lab.servers[1].set_readyz(503);
+    let bound = down_bound();
+    let down = wait_state(&env, "master-2", "DOWN", bound + SLACK * 3).await;
+    assert!(
+        held.wait_closed(Duration::from_secs(1)).await,
+        "the session on the unready master was not closed"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let report = clients.stop().await;
+
+    let took = down - failing;
+    assert!(
+        took <= bound + SLACK,
+        "out of rotation after {took:?}, bound {bound:?}"
+    );
+    // Only requests in flight on master-2 when it was marked down can be cut
+    // (that is what closing its sessions means); none opened afterwards.
+    assert!(
+        report.failed_since(down.into_std()).is_empty(),
+        "{}",
+        describe(&report)
+    );
+    let settled = (down + Duration::from_millis(100)).into_std();
+    let after = report.ok_since(settled);
+    assert_eq!(
+        after.get("master-2"),
+        None,
+        "new connections still reach master-2: {after:?}"
+    );
+    eprintln!(
+        "503: out of rotation after {took:?} (bound {bound:?}); {} cut in flight at mark-down; {} after, 0 failed",
+        report.failed,
+        after.values().sum::<u64>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_every_check_fails_traffic_fails_open_and_readyz_says_degraded() {
+    let mut env = env_up().await;
+    for s in &env.lab.servers {
+        s.set_readyz(503);
+    }
+    for name in ["master-1", "master-2", "master-3"] {
+        wait_state(&env, name, "DOWN", down_bound() + SLACK * 3).await;
+    }
+    let all_down = Instant::now();
+    let clients = load(&env);
+    let mut held = Session::connect(
+        env.lab.listen,
+        env.lab.client_tls().unwrap(),
+        Some(&env.lab.token),
+    )
+    .await
+    .unwrap();
+    held.served_by()
+        .await
+        .expect("a new connection reaches a master through the fail-open path");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let report = clients.stop().await;
+    assert_eq!(report.failed, 0, "{}", describe(&report));
+    assert!(report.ok > 50, "{}", describe(&report));
+    assert!(
+        report.by_server.len() >= 2,
+        "fail-open spreads over the masters: {:?}",
+        report.by_server
+    );
+
+    let (code, body) = http_get(env.agent().metrics_addr(), "/readyz").await;
+    assert_eq!(code, 503);
+    assert!(
+        body.contains("no healthy master (0/3); connections fail open"),
+        "{body}"
+    );
+    let s = env
+        .wait_status(Duration::from_secs(5), "fallback sessions visible", |s| {
+            s.masters.iter().map(|m| m.fallback_sessions).sum::<u64>() >= 1
+        })
+        .await;
+    assert_eq!(s.healthy(), 0);
+    eprintln!(
+        "all down: {} connections in {:?} over {:?}, 0 failed",
+        report.ok,
+        all_down.elapsed(),
+        report.by_server
+    );
+    env.agent = None;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovered_master_returns_to_rotation_after_rise_checks() {
+    let env = env_up().await;
+    env.lab.servers[1].crash();
+    wait_state(&env, "master-2", "DOWN", down_bound() + SLACK * 3).await;
+    let clients = load(&env);
+    let restarted = Instant::now();
+    env.lab.servers[1].restart().await.unwrap();
+    let up = wait_state(&env, "master-2", "UP", up_bound() + SLACK * 3).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let report = clients.stop().await;
+    let took = up - restarted;
+    let bound = up_bound();
+    assert!(
+        took <= bound + SLACK,
+        "back after {took:?}, bound {bound:?}"
+    );
+    assert_eq!(report.failed, 0, "{}", describe(&report));
+    let after = report.ok_since(up.into_std());
+    assert!(
+        after.get("master-2").copied().unwrap_or(0) > 0,
+        "master-2 gets new connections again: {after:?}"
+    );
+    eprintln!("recovery: UP after {took:?} (bound {bound:?}); traffic back on it: {after:?}");
+}
