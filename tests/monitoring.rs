@@ -1,0 +1,215 @@
+//! The monitoring assets in contrib/ against the real agent: every `apilb_*`
+//! metric that an alert (contrib/prometheus/alerts.yaml) or a dashboard
+//! query (contrib/grafana/apilb.json) uses must appear in the /metrics of a
+//! running agent (lab API servers, real HAProxy).
+//!
+//! Names that another part of the project will add later are listed in
+//! [`PLANNED`]; they are tolerated only while no source file under src/
+//! mentions them. As soon as src/ defines one, it must be exported too.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use apilb::lab::LabOptions;
+use support::*;
+
+/// Metrics the discovery work will add (names agreed in advance).
+const PLANNED: &[&str] = &[
+    "apilb_masters",
+    "apilb_discovery_last_success_timestamp_seconds",
+    "apilb_discovery_watch_restarts_total",
+    "apilb_master_changes_total",
+];
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// Every `apilb_<name>` token in a PromQL expression.
+fn metric_names(expr: &str) -> Vec<String> {
+    let bytes = expr.as_bytes();
+    let word = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b':';
+    let mut out = Vec::new();
+    let mut i = 0;
+    while let Some(pos) = expr[i..].find("apilb_") {
+        let start = i + pos;
+        let mut end = start + "apilb_".len();
+        while end < bytes.len() && word(bytes[end]) {
+            end += 1;
+        }
+        if start == 0 || !word(bytes[start - 1]) {
+            out.push(expr[start..end].to_owned());
+        }
+        i = end;
+    }
+    out
+}
+
+/// PromQL of the alert rules: `groups[].rules[].expr`.
+fn alert_exprs() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(repo("contrib/prometheus/alerts.yaml")).unwrap();
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text).expect("alerts.yaml is YAML");
+    let mut out = Vec::new();
+    for group in doc["groups"].as_sequence().expect("groups") {
+        for rule in group["rules"].as_sequence().expect("rules") {
+            let name = rule["alert"].as_str().unwrap_or("?").to_owned();
+            let expr = rule["expr"].as_str().expect("expr").to_owned();
+            out.push((format!("alert {name}"), expr));
+        }
+    }
+    out
+}
+
+/// PromQL of the dashboard: every `expr`, and the variables' queries.
+fn dashboard_exprs() -> Vec<(String, String)> {
+    fn walk(v: &serde_json::Value, at: &str, out: &mut Vec<(String, String)>) {
+        match v {
+            serde_json::Value::Object(map) => {
+                let here = map
+                    .get("title")
+                    .or_else(|| map.get("name"))
+                    .and_then(|t| t.as_str())
+                    .map(|t| format!("{at}/{t}"))
+                    .unwrap_or_else(|| at.to_owned());
+                for (k, child) in map {
+                    match (k.as_str(), child) {
+                        ("expr" | "query" | "definition", serde_json::Value::String(s)) => {
+                            out.push((format!("dashboard {here}"), s.clone()))
+                        }
+                        _ => walk(child, &here, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for item in items {
+                    walk(item, at, out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let text = std::fs::read_to_string(repo("contrib/grafana/apilb.json")).unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&text).expect("apilb.json is JSON");
+    let mut out = Vec::new();
+    walk(&doc, "", &mut out);
+    out
+}
+
+/// Concatenated text of every file under src/.
+fn source_text(dir: &Path, out: &mut String) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            source_text(&path, out);
+        } else if let Ok(text) = std::fs::read_to_string(&path) {
+            out.push_str(&text);
+        }
+    }
+}
+
+/// Sample names in a Prometheus text exposition.
+fn exported(exposition: &str) -> BTreeSet<String> {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Every `apilb_*` name used in contrib/, with where it is used.
+fn used_metrics() -> BTreeMap<String, BTreeSet<String>> {
+    let mut used: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (place, expr) in alert_exprs().into_iter().chain(dashboard_exprs()) {
+        for name in metric_names(&expr) {
+            used.entry(name).or_default().insert(place.clone());
+        }
+    }
+    used
+}
+
+#[test]
+fn contrib_queries_reference_metrics() {
+    let used = used_metrics();
+    // A parsing slip must not turn the real test into a no-op.
+    assert!(used.len() >= 20, "only {} apilb_* names found", used.len());
+    for must in [
+        "apilb_masters_healthy",
+        "apilb_master_transitions_total",
+        "apilb_haproxy_reloads_total",
+        "apilb_config_info",
+    ] {
+        assert!(used.contains_key(must), "{must} is not used in contrib/");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_in_contrib_is_exported() {
+    let used = used_metrics();
+    let mut env = Env::new(LabOptions::default()).await;
+    // Slow checks, so connection errors (which exist only once a connection
+    // to a master failed) are counted before a check takes the master out.
+    env.lab.health.interval = "2s".into();
+    env.lab.health.fall = 3;
+    env.lab.write_config(&env.lab.config_yaml("")).unwrap();
+    env.start_agent().await;
+    env.wait_all_up().await;
+
+    // Series that exist only after something happened: the masters die
+    // while HAProxy still counts them UP, so the node's connections fail
+    // (HAProxy counts a connection error once its retries on the other
+    // masters failed too), and then they go DOWN (transitions).
+    for server in &env.lab.servers {
+        server.crash();
+    }
+    let metrics_addr = env.agent().metrics_addr();
+    eventually(
+        Duration::from_secs(20),
+        "connection errors counted",
+        || async {
+            for _ in 0..4 {
+                let _ = served_by(&env).await;
+            }
+            http_get(metrics_addr, "/metrics")
+                .await
+                .1
+                .contains("apilb_master_connection_errors_total{")
+        },
+    )
+    .await;
+    env.wait_status(Duration::from_secs(20), "every master DOWN", |s| {
+        s.masters.iter().all(|m| m.state == "DOWN")
+    })
+    .await;
+
+    // Every master down: HAProxy keeps running (fail open).
+    assert!(alive(env.haproxy_pid().expect("pidfile")));
+
+    let (code, body) = http_get(metrics_addr, "/metrics").await;
+    assert_eq!(code, 200);
+    let have = exported(&body);
+    let mut src = String::new();
+    source_text(&repo("src"), &mut src);
+
+    let mut missing = Vec::new();
+    for (name, places) in &used {
+        if have.contains(name) {
+            continue;
+        }
+        let planned = PLANNED.contains(&name.as_str());
+        let in_src = src.contains(&format!("\"{name}\""));
+        if planned && !in_src {
+            eprintln!("planned metric {name} (not in src/ yet) used by {places:?}");
+            continue;
+        }
+        missing.push(format!("{name} (used by {places:?})"));
+    }
+    assert!(
+        missing.is_empty(),
+        "metrics used in contrib/ but not exported by a running agent:\n  {}\n\n/metrics:\n{body}",
+        missing.join("\n  ")
+    );
+}
