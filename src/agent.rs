@@ -32,7 +32,7 @@ use crate::haproxy::supervisor::{Haproxy, ReloadError, SupervisorError, alive};
 use crate::haproxy::{Binary, BinaryError, Version};
 use crate::http::{self, HttpState};
 use crate::inputs::Verify;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ServerCounters};
 use crate::render::{FALLBACK_SUFFIX, Paths, Rendered};
 use crate::status::{CheckStatus, MasterStatus, ReloadRecord, Status};
 use crate::systemd;
@@ -386,6 +386,15 @@ pub async fn start(opts: Options) -> Result<Handle, AgentError> {
         let _ = rx.wait_for(|s| *s).await;
     }));
 
+    // For `apilb reload` and operators: which process is the agent.
+    let pidfile = agent.paths.runtime_dir.join("apilb.pid");
+    if let Err(e) = fsutil::write_atomic(
+        &pidfile,
+        format!("{}\n", std::process::id()).as_bytes(),
+        0o600,
+    ) {
+        tracing::warn!(error = %e, path = %pidfile.display(), "cannot write the agent's pidfile");
+    }
     let (control_tx, control_rx) = mpsc::channel(16);
     let task = tokio::spawn(async move {
         let exit = agent.run(control_rx).await;
@@ -656,10 +665,12 @@ impl Agent {
             a.at.duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs_f64())
                 .unwrap_or(0.0);
+        let settings = a.loaded.config.settings_hash();
         self.metrics
             .config_info
-            .with_label_values(&[&a.loaded.rendered.hash])
+            .with_label_values(&[&a.loaded.rendered.hash, &settings])
             .set(1);
+        self.status.config.settings_hash = settings;
         self.metrics.config_last_apply_timestamp_seconds.set(at);
         self.status.config.hash = a.loaded.rendered.hash.clone();
         self.status.config.applied_at = Some(at);
@@ -692,9 +703,9 @@ impl Agent {
             .cloned()
             .collect::<Vec<_>>()
         {
-            self.metrics.forget_master(&gone);
+            let last_check = self.check_statuses.remove(&gone);
+            self.metrics.forget_master(&gone, last_check.as_deref());
             self.states.remove(&gone);
-            self.check_statuses.remove(&gone);
         }
         self.metrics.master_info.reset();
         for m in masters {
@@ -702,12 +713,7 @@ impl Agent {
                 .master_info
                 .with_label_values(&[&m.name, &m.address.to_string(), "static"])
                 .set(1);
-            // Exported from 0, so increase() and alerts work from the start.
-            for s in ServerState::ALL {
-                self.metrics
-                    .master_transitions_total
-                    .with_label_values(&[&m.name, s.as_str()]);
-            }
+            self.metrics.init_master(&m.name);
         }
     }
 
@@ -917,8 +923,14 @@ impl Agent {
                     .master_sessions
                     .with_label_values(&[name])
                     .set(row.sessions as i64);
-                self.metrics
-                    .observe_connection_errors(name, row.connect_errors);
+                self.metrics.observe_counters(
+                    name,
+                    ServerCounters {
+                        errors: row.connect_errors,
+                        retries: row.retries,
+                        redispatches: row.redispatches,
+                    },
+                );
                 if let Some(s) = row.last_change_s {
                     self.metrics
                         .master_last_transition_timestamp_seconds

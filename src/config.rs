@@ -138,6 +138,22 @@ impl Config {
         Ok(config)
     }
 
+    /// SHA-256 of the settings, as they shape the data plane: everything in
+    /// the file except `metrics` (often the node's own address). Nodes that
+    /// share an apilb.yaml report the same value even when each renders its
+    /// own client certificate into haproxy.cfg, so fleets can spot drift.
+    pub fn settings_hash(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut shaping = self.clone();
+        shaping.metrics = Metrics::default();
+        // Serializing plain structs and vectors cannot fail.
+        let json = serde_json::to_vec(&shaping).unwrap_or_default();
+        Sha256::digest(&json)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
     /// Cross-field rules. Returns the offending field's path and a message.
     fn validate(&self) -> Result<(), (String, String)> {
         if self.masters.is_empty() {

@@ -88,6 +88,25 @@ enum Command {
         /// Print the raw JSON (for scripts).
         #[arg(long)]
         json: bool,
+        /// The agent's metrics address (default: metrics.listen from the
+        /// config, or 127.0.0.1:9716 when the config is not readable).
+        #[arg(long)]
+        address: Option<std::net::SocketAddr>,
+    },
+    /// Apply the configuration to the running agent and wait for the
+    /// outcome (systemd's ExecReload).
+    ///
+    /// Validates like `check`, sends SIGHUP to the agent, then waits until
+    /// the agent runs the new config or reports why it did not. Unlike a
+    /// bare `kill -HUP`, a refused change makes this command (and
+    /// `systemctl reload`) fail with the reason.
+    Reload {
+        /// The agent's pid (default: from <runtime_dir>/apilb.pid).
+        #[arg(long)]
+        pid: Option<i32>,
+        /// How long to wait for the outcome.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        timeout: Duration,
     },
     /// Print the haproxy.cfg apilb would run for the configuration.
     ///
@@ -191,7 +210,8 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
                 .await
                 .map_err(|e| (EXIT_FAILURE, e.to_string()))
         }
-        Command::Status { json } => status(&cli.config, json).await,
+        Command::Status { json, address } => status(&cli.config, json, address).await,
+        Command::Reload { pid, timeout } => reload(&cli.config, pid, timeout).await,
         Command::Probe { masters } => {
             let loaded = apilb::load(&cli.config, None).map_err(config_error)?;
             for note in &loaded.inputs.check.notes {
@@ -309,9 +329,30 @@ async fn run(options: agent::Options) -> Result<(), Failure> {
     }
 }
 
-async fn status(path: &Path, json: bool) -> Result<(), Failure> {
-    let config = Config::load(path).map_err(config_error)?;
-    let addr = status_client::target(config.metrics.listen.0);
+async fn status(
+    path: &Path,
+    json: bool,
+    address: Option<std::net::SocketAddr>,
+) -> Result<(), Failure> {
+    let addr = match address {
+        Some(a) => a,
+        None => match Config::load(path) {
+            Ok(config) => status_client::target(config.metrics.listen.0),
+            // The config is root-only (0640): fall back to the default
+            // address rather than demand root for a read-only view.
+            Err(apilb::config::ConfigError::Read { source, .. })
+                if source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                let default = apilb::config::Metrics::default().listen.0;
+                eprintln!(
+                    "note: cannot read {} ({source}); asking {default} (use --address to choose)",
+                    path.display()
+                );
+                default
+            }
+            Err(e) => return Err(config_error(e)),
+        },
+    };
     let s = status_client::fetch(addr)
         .await
         .map_err(|e| (EXIT_FAILURE, e.to_string()))?;
@@ -321,6 +362,76 @@ async fn status(path: &Path, json: bool) -> Result<(), Failure> {
         print!("{}", status_client::render_table(&s));
     }
     Ok(())
+}
+
+async fn reload(path: &Path, pid: Option<i32>, timeout: Duration) -> Result<(), Failure> {
+    check(path).await?;
+    let loaded = apilb::load(path, None).map_err(config_error)?;
+    let addr = status_client::target(loaded.config.metrics.listen.0);
+    let before = status_client::fetch(addr)
+        .await
+        .map_err(|e| (EXIT_FAILURE, e.to_string()))?;
+    let pid = match pid {
+        Some(p) => p,
+        None => {
+            let file = loaded.config.haproxy.runtime_dir.join("apilb.pid");
+            std::fs::read_to_string(&file)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .ok_or_else(|| {
+                    (
+                        EXIT_FAILURE,
+                        format!(
+                            "cannot read the agent's pid from {}; pass --pid",
+                            file.display()
+                        ),
+                    )
+                })?
+        }
+    };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .map_err(|e| {
+        (
+            EXIT_FAILURE,
+            format!("cannot signal the agent (pid {pid}): {e}"),
+        )
+    })?;
+    let want = &loaded.rendered.hash;
+    let sent = std::time::Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = status_client::fetch(addr)
+            .await
+            .map_err(|e| (EXIT_FAILURE, e.to_string()))?;
+        if &now.config.hash == want && now.config.pending_error.is_none() {
+            println!("applied: HAProxy runs config sha256:{}", &want[..12]);
+            return Ok(());
+        }
+        let reported = now.config.last_reload.as_ref().map(|r| r.at)
+            != before.config.last_reload.as_ref().map(|r| r.at);
+        if let Some(err) = &now.config.pending_error
+            && (reported || sent.elapsed() > Duration::from_secs(2))
+        {
+            return Err((
+                EXIT_FAILURE,
+                format!(
+                    "the agent did not apply the change (HAProxy keeps the config in effect): {err}"
+                ),
+            ));
+        }
+        if sent.elapsed() > timeout {
+            return Err((
+                EXIT_FAILURE,
+                format!(
+                    "the agent did not apply sha256:{} within {timeout:?}",
+                    &want[..12]
+                ),
+            ));
+        }
+    }
 }
 
 async fn check(path: &Path) -> Result<(), Failure> {

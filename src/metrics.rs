@@ -32,8 +32,13 @@ pub struct Metrics {
     pub master_sessions: IntGaugeVec,
     /// Current connections through the fail-open twin.
     pub master_fallback_sessions: IntGaugeVec,
-    /// Connection errors to the master.
+    /// Connections to the master that failed for good (after retries).
     pub master_connection_errors_total: IntCounterVec,
+    /// Connections that failed on the master and were retried on another
+    /// one (the client did not notice).
+    pub master_redispatches_total: IntCounterVec,
+    /// Connection attempts to the master that were retried.
+    pub master_retries_total: IntCounterVec,
     /// State transitions, by the state entered.
     pub master_transitions_total: IntCounterVec,
     /// When the master last changed state.
@@ -52,7 +57,8 @@ pub struct Metrics {
     pub haproxy_restarts_total: IntCounter,
     /// HAProxy workers, current and old (draining after a reload).
     pub haproxy_workers: IntGaugeVec,
-    /// 1, labelled with the hash of the haproxy.cfg in effect.
+    /// 1, labelled with the hash of the haproxy.cfg in effect (`hash`) and
+    /// of the apilb.yaml settings it came from (`settings_hash`).
     pub config_info: IntGaugeVec,
     /// When the config in effect was applied.
     pub config_last_apply_timestamp_seconds: Gauge,
@@ -65,9 +71,21 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     /// Failed polls of HAProxy's runtime API.
     pub poll_errors_total: IntCounter,
-    /// Last raw counter values, to turn HAProxy's per-worker counters
-    /// (which restart at 0 after a reload) into monotonic ones.
-    last_errors: Mutex<HashMap<String, u64>>,
+    /// Last raw values of HAProxy's per-server counters, by (master,
+    /// counter), to turn them (they restart at 0 in each new worker) into
+    /// monotonic ones.
+    last_raw: Mutex<HashMap<(String, &'static str), u64>>,
+}
+
+/// HAProxy's per-server counters of one poll.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ServerCounters {
+    /// `econ`: connections that failed for good.
+    pub errors: u64,
+    /// `wretr`: retried connection attempts.
+    pub retries: u64,
+    /// `wredis`: connections moved to another server.
+    pub redispatches: u64,
 }
 
 fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
@@ -140,7 +158,18 @@ impl Metrics {
             ),
             master_connection_errors_total: counter_vec(
                 "apilb_master_connection_errors_total",
-                "Failed connection attempts to the master.",
+                "Connections to the master that failed for good, after HAProxy's retries.",
+                &["master"],
+            ),
+            master_redispatches_total: counter_vec(
+                "apilb_master_redispatches_total",
+                "Connections that failed on the master (refused, timed out) and were retried on \
+                 another master without the client noticing.",
+                &["master"],
+            ),
+            master_retries_total: counter_vec(
+                "apilb_master_retries_total",
+                "Connection attempts to the master that were retried.",
                 &["master"],
             ),
             master_transitions_total: counter_vec(
@@ -188,8 +217,10 @@ impl Metrics {
             config_info: gauge_vec(
                 &r,
                 "apilb_config_info",
-                "1, labelled with the SHA-256 of the haproxy.cfg in effect.",
-                &["hash"],
+                "1, labelled with the SHA-256 of the haproxy.cfg in effect (hash; differs per \
+                 node when each node's own certificate is in it) and of the apilb.yaml settings \
+                 it came from (settings_hash: equal on nodes that share a config).",
+                &["hash", "settings_hash"],
             ),
             config_last_apply_timestamp_seconds: {
                 let g = Gauge::new(
@@ -225,7 +256,7 @@ impl Metrics {
                 r.register(Box::new(c.clone())).expect("unique metric name");
                 c
             },
-            last_errors: Mutex::new(HashMap::new()),
+            last_raw: Mutex::new(HashMap::new()),
             registry: r,
         };
         #[cfg(target_os = "linux")]
@@ -267,21 +298,56 @@ impl Metrics {
         }
     }
 
-    /// Adds HAProxy's connection-error count for a master to the monotonic
-    /// counter, coping with HAProxy restarting its count at a reload.
-    pub fn observe_connection_errors(&self, master: &str, raw: u64) {
-        let mut last = self.last_errors.lock().unwrap_or_else(|e| e.into_inner());
-        let prev = last.insert(master.to_owned(), raw).unwrap_or(0);
-        let delta = if raw >= prev { raw - prev } else { raw };
-        if delta > 0 {
-            self.master_connection_errors_total
-                .with_label_values(&[master])
-                .inc_by(delta);
+    /// Creates a master's counters at 0, so `increase()` and alerts work
+    /// from its first scrape.
+    pub fn init_master(&self, master: &str) {
+        for s in ServerState::ALL {
+            self.master_transitions_total
+                .with_label_values(&[master, s.as_str()]);
+        }
+        for c in [
+            &self.master_connection_errors_total,
+            &self.master_redispatches_total,
+            &self.master_retries_total,
+        ] {
+            c.with_label_values(&[master]);
         }
     }
 
-    /// Removes every series of a master that left the configuration.
-    pub fn forget_master(&self, master: &str) {
+    /// Adds HAProxy's per-server counts to the monotonic counters. HAProxy
+    /// counts per worker, so after a reload a raw value smaller than the
+    /// last one is a fresh count, added whole.
+    pub fn observe_counters(&self, master: &str, raw: ServerCounters) {
+        let mut last = self.last_raw.lock().unwrap_or_else(|e| e.into_inner());
+        for (name, value, counter) in [
+            ("econ", raw.errors, &self.master_connection_errors_total),
+            ("wretr", raw.retries, &self.master_retries_total),
+            ("wredis", raw.redispatches, &self.master_redispatches_total),
+        ] {
+            let prev = last.insert((master.to_owned(), name), value).unwrap_or(0);
+            let delta = if value >= prev { value - prev } else { value };
+            counter.with_label_values(&[master]).inc_by(delta);
+        }
+    }
+
+    /// Removes every series of a master that left the configuration;
+    /// `check_status` is the last check status exported for it.
+    pub fn forget_master(&self, master: &str, check_status: Option<&str>) {
+        if let Some(s) = check_status {
+            let _ = self.master_check_status.remove_label_values(&[master, s]);
+        }
+        for s in ServerState::ALL {
+            let _ = self
+                .master_transitions_total
+                .remove_label_values(&[master, s.as_str()]);
+        }
+        for c in [
+            &self.master_connection_errors_total,
+            &self.master_redispatches_total,
+            &self.master_retries_total,
+        ] {
+            let _ = c.remove_label_values(&[master]);
+        }
         for vec in [
             &self.master_up,
             &self.master_check_http_code,
@@ -299,10 +365,10 @@ impl Metrics {
         let _ = self
             .master_last_transition_timestamp_seconds
             .remove_label_values(&[master]);
-        self.last_errors
+        self.last_raw
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(master);
+            .retain(|(m, _), _| m != master);
     }
 }
 

@@ -49,6 +49,10 @@ pub struct ConfigStatus {
     pub path: String,
     /// SHA-256 of the haproxy.cfg HAProxy runs.
     pub hash: String,
+    /// SHA-256 of the apilb.yaml settings in effect (see
+    /// `Config::settings_hash`): equal on nodes that share a config.
+    #[serde(default)]
+    pub settings_hash: String,
     /// When it was applied (seconds since the epoch).
     pub applied_at: Option<f64>,
     /// The last reload attempt.

@@ -393,3 +393,76 @@ fn the_unit_file_verifies() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_reports_the_outcome_like_systemctl_reload_should() {
+    let env = Env::new(LabOptions::default()).await;
+    let mut agent = AgentProcess::spawn(&env.lab, "reload", &[]);
+    agent.wait_ready(&env.lab).await;
+    let run = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            let out = apilb().args(&args).output().unwrap();
+            (
+                out.status.code(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            )
+        })
+    };
+    let config = env.lab.config_path().display().to_string();
+    let reload = |cfg: &str| vec!["reload".to_string(), "--config".into(), cfg.to_owned()];
+
+    // A real change: applied, and said so.
+    env.lab
+        .write_config(&env.lab.config_yaml("timeouts:\n  connect: 2500ms\n"))
+        .unwrap();
+    let (code, out) = run(reload(&config)).await.unwrap();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("applied: HAProxy runs config sha256:"),
+        "{out}"
+    );
+    assert!(
+        std::fs::read_to_string(env.lab.path("run/haproxy.cfg"))
+            .unwrap()
+            .contains("timeout connect 2500ms")
+    );
+
+    // A change the agent refuses (the state directory only changes at a
+    // restart): fails with the agent's reason, though `apilb check`
+    // accepts the file.
+    let d = env.lab.dir.path().display().to_string();
+    let yaml = env.lab.config_yaml("").replace(
+        &format!("state_dir: {d}/state"),
+        &format!("state_dir: {d}/state2"),
+    );
+    env.lab.write_config(&yaml).unwrap();
+    let (code, out) = run(reload(&config)).await.unwrap();
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("did not apply the change") && out.contains("only change when apilb restarts"),
+        "{out}"
+    );
+
+    // An invalid file: refused before the agent is even signalled.
+    env.lab.write_config("masters: []\n").unwrap();
+    let (code, out) = run(reload(&config)).await.unwrap();
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("at least one master is required"), "{out}");
+
+    // `apilb status --address` needs no config at all.
+    let (code, out) = run(vec![
+        "status".into(),
+        "--config".into(),
+        "/nonexistent".into(),
+        "--address".into(),
+        env.lab.metrics.to_string(),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("masters up"), "{out}");
+}

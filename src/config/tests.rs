@@ -462,3 +462,13 @@ fn unreadable_file() {
         "cannot read config /nonexistent/apilb.yaml: No such file or directory (os error 2)"
     );
 }
+
+#[test]
+fn settings_hash_ignores_metrics_and_follows_everything_else() {
+    let a = parse("masters: [10.0.0.1:6443]\nmetrics: {listen: \"10.1.1.1:9716\"}\n");
+    let b = parse("masters: [10.0.0.1:6443]\nmetrics: {listen: \"10.1.1.2:9716\"}\n");
+    let c = parse("masters: [10.0.0.1:6443, 10.0.0.2:6443]\n");
+    assert_eq!(a.settings_hash(), b.settings_hash());
+    assert_ne!(a.settings_hash(), c.settings_hash());
+    assert_eq!(a.settings_hash().len(), 64);
+}
