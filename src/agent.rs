@@ -173,11 +173,7 @@ struct Running {
 
 impl Running {
     fn of(r: &Rendered) -> Running {
-        Running {
-            text: r.text.clone(),
-            hash: r.hash.clone(),
-            redactor: r.redactor.clone(),
-        }
+        Running { text: r.text.clone(), hash: r.hash.clone(), redactor: r.redactor.clone() }
     }
 }
 
@@ -236,10 +232,7 @@ struct Agent {
 }
 
 fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
 fn applied_marker(paths: &Paths) -> PathBuf {
@@ -257,34 +250,21 @@ pub async fn start(opts: Options) -> Result<Handle, AgentError> {
     let version = binary.version().await.map_err(AgentError::Binary)?;
 
     for dir in [&paths.runtime_dir, &paths.state_dir] {
-        fsutil::ensure_private_dir(dir).map_err(|source| AgentError::Files {
-            path: dir.clone(),
-            source,
-        })?;
+        fsutil::ensure_private_dir(dir).map_err(|source| AgentError::Files { path: dir.clone(), source })?;
     }
     let metrics_listener = TcpListener::bind(config.metrics.listen.0)
         .await
-        .map_err(|source| AgentError::Bind {
-            addr: config.metrics.listen.0,
-            source,
-        })?;
-    let metrics_addr = metrics_listener
-        .local_addr()
-        .unwrap_or(config.metrics.listen.0);
-    let output = Output::open(&paths.output_fifo()).map_err(|source| AgentError::Files {
-        path: paths.output_fifo(),
-        source,
-    })?;
+        .map_err(|source| AgentError::Bind { addr: config.metrics.listen.0, source })?;
+    let metrics_addr = metrics_listener.local_addr().unwrap_or(config.metrics.listen.0);
+    let output = Output::open(&paths.output_fifo())
+        .map_err(|source| AgentError::Files { path: paths.output_fifo(), source })?;
     output.set_redactor(loaded.rendered.redactor.clone());
 
     let metrics = Arc::new(Metrics::new());
     for result in ["success", "invalid_config", "refused", "failed"] {
         metrics.haproxy_reloads_total.with_label_values(&[result]);
     }
-    metrics
-        .build_info
-        .with_label_values(&[env!("CARGO_PKG_VERSION"), &version.full])
-        .set(1);
+    metrics.build_info.with_label_values(&[env!("CARGO_PKG_VERSION"), &version.full]).set(1);
 
     let haproxy = match Haproxy::adopt(&binary, &paths).await {
         Some(h) => {
@@ -295,19 +275,12 @@ pub async fn start(opts: Options) -> Result<Handle, AgentError> {
             h
         }
         None => {
-            let staged = stage_and_validate(&binary, &paths, &loaded.rendered)
-                .await
-                .map_err(|source| AgentError::Rejected {
-                    path: opts.config_path.display().to_string(),
-                    source,
-                })?;
+            let staged = stage_and_validate(&binary, &paths, &loaded.rendered).await.map_err(|source| {
+                AgentError::Rejected { path: opts.config_path.display().to_string(), source }
+            })?;
             promote(&paths, &staged, &loaded.rendered)?;
             let h = Haproxy::spawn(&binary, &paths, &output).await?;
-            tracing::info!(
-                pid = h.pid(),
-                config = loaded.rendered.short_hash(),
-                "started HAProxy"
-            );
+            tracing::info!(pid = h.pid(), config = loaded.rendered.short_hash(), "started HAProxy");
             h
         }
     };
@@ -323,10 +296,7 @@ pub async fn start(opts: Options) -> Result<Handle, AgentError> {
             running.text = std::fs::read_to_string(paths.config_file()).unwrap_or_default();
         }
     }
-    let applied = Applied {
-        loaded,
-        at: SystemTime::now(),
-    };
+    let applied = Applied { loaded, at: SystemTime::now() };
 
     let listen = applied.loaded.config.listen.0;
     wait_for_frontend(listen, Duration::from_secs(10)).await?;
@@ -358,15 +328,9 @@ pub async fn start(opts: Options) -> Result<Handle, AgentError> {
     };
     agent.mark_applied();
     if stale_adoption {
-        tracing::info!(
-            "the adopted HAProxy runs an older config than apilb.yaml describes; reloading"
-        );
+        tracing::info!("the adopted HAProxy runs an older config than apilb.yaml describes; reloading");
         match crate::load(&agent.opts.config_path, None) {
-            Ok(loaded) => {
-                agent
-                    .apply(loaded, "config changed while no agent was running")
-                    .await
-            }
+            Ok(loaded) => agent.apply(loaded, "config changed while no agent was running").await,
             Err(e) => agent.refuse("invalid_config", e.to_string(), true),
         }
     }
@@ -388,11 +352,7 @@ pub async fn start(opts: Options) -> Result<Handle, AgentError> {
 
     // For `apilb reload` and operators: which process is the agent.
     let pidfile = agent.paths.runtime_dir.join("apilb.pid");
-    if let Err(e) = fsutil::write_atomic(
-        &pidfile,
-        format!("{}\n", std::process::id()).as_bytes(),
-        0o600,
-    ) {
+    if let Err(e) = fsutil::write_atomic(&pidfile, format!("{}\n", std::process::id()).as_bytes(), 0o600) {
         tracing::warn!(error = %e, path = %pidfile.display(), "cannot write the agent's pidfile");
     }
     let (control_tx, control_rx) = mpsc::channel(16);
@@ -401,12 +361,7 @@ pub async fn start(opts: Options) -> Result<Handle, AgentError> {
         let _ = http_stop.send(true);
         exit
     });
-    Ok(Handle {
-        control: control_tx,
-        status: status_rx,
-        metrics_addr,
-        task,
-    })
+    Ok(Handle { control: control_tx, status: status_rx, metrics_addr, task })
 }
 
 /// Writes a render to the staging name and validates it with `haproxy -c`.
@@ -430,17 +385,10 @@ async fn stage_and_validate(
 /// Renames the validated staging file over the config HAProxy runs.
 fn promote(paths: &Paths, staging: &Path, rendered: &Rendered) -> Result<(), AgentError> {
     let target = paths.config_file();
-    std::fs::rename(staging, &target).map_err(|source| AgentError::Files {
-        path: target.clone(),
-        source,
-    })?;
+    std::fs::rename(staging, &target).map_err(|source| AgentError::Files { path: target.clone(), source })?;
     let marker = applied_marker(paths);
-    fsutil::write_atomic(&marker, rendered.hash.as_bytes(), 0o600).map_err(|source| {
-        AgentError::Files {
-            path: marker,
-            source,
-        }
-    })
+    fsutil::write_atomic(&marker, rendered.hash.as_bytes(), 0o600)
+        .map_err(|source| AgentError::Files { path: marker, source })
 }
 
 async fn wait_for_frontend(addr: SocketAddr, limit: Duration) -> Result<(), AgentError> {
@@ -458,14 +406,7 @@ async fn wait_for_frontend(addr: SocketAddr, limit: Duration) -> Result<(), Agen
 
 impl Agent {
     async fn run(mut self, mut control: mpsc::Receiver<Control>) -> Exit {
-        let check_interval = self
-            .applied
-            .loaded
-            .config
-            .health
-            .interval
-            .std()
-            .max(Duration::from_millis(200));
+        let check_interval = self.applied.loaded.config.health.interval.std().max(Duration::from_millis(200));
         let mut poll_tick = interval(check_interval);
         poll_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut config_tick = interval(CONFIG_POLL);
@@ -532,8 +473,7 @@ impl Agent {
                     }
                 } else if self.candidate.as_deref() == Some(&hash) {
                     self.candidate = None;
-                    self.apply(loaded, "configuration or referenced files changed")
-                        .await;
+                    self.apply(loaded, "configuration or referenced files changed").await;
                 } else {
                     self.candidate = Some(hash);
                 }
@@ -566,16 +506,8 @@ impl Agent {
             Ok(p) => p,
             Err(e) => {
                 self.refused_hash = Some(loaded.rendered.hash.clone());
-                let result = if matches!(e, BinaryError::Rejected { .. }) {
-                    "refused"
-                } else {
-                    "failed"
-                };
-                self.refuse(
-                    result,
-                    format!("{}: {e}", self.opts.config_path.display()),
-                    true,
-                );
+                let result = if matches!(e, BinaryError::Rejected { .. }) { "refused" } else { "failed" };
+                self.refuse(result, format!("{}: {e}", self.opts.config_path.display()), true);
                 return;
             }
         };
@@ -610,18 +542,15 @@ impl Agent {
             Err(e) => {
                 // Put the last good config back, so a restart of HAProxy
                 // does not pick up the one it refused.
-                let restored = fsutil::write_atomic(
-                    &self.paths.config_file(),
-                    self.running.text.as_bytes(),
-                    0o600,
-                )
-                .and_then(|()| {
-                    fsutil::write_atomic(
-                        &applied_marker(&self.paths),
-                        self.running.hash.as_bytes(),
-                        0o600,
-                    )
-                });
+                let restored =
+                    fsutil::write_atomic(&self.paths.config_file(), self.running.text.as_bytes(), 0o600)
+                        .and_then(|()| {
+                            fsutil::write_atomic(
+                                &applied_marker(&self.paths),
+                                self.running.hash.as_bytes(),
+                                0o600,
+                            )
+                        });
                 if let Err(re) = restored {
                     tracing::error!(error = %re, "cannot restore the previous haproxy.cfg");
                 }
@@ -640,20 +569,11 @@ impl Agent {
         self.metrics.config_info.reset();
         self.running = Running::of(&loaded.rendered);
         self.refused_hash = None;
-        self.applied = Applied {
-            loaded,
-            at: SystemTime::now(),
-        };
+        self.applied = Applied { loaded, at: SystemTime::now() };
         self.mark_applied();
-        self.metrics
-            .haproxy_reloads_total
-            .with_label_values(&["success"])
-            .inc();
-        self.status.config.last_reload = Some(ReloadRecord {
-            at: unix_now(),
-            result: "success".into(),
-            message: None,
-        });
+        self.metrics.haproxy_reloads_total.with_label_values(&["success"]).inc();
+        self.status.config.last_reload =
+            Some(ReloadRecord { at: unix_now(), result: "success".into(), message: None });
         self.clear_error();
         self.remove_unused_files();
     }
@@ -661,15 +581,9 @@ impl Agent {
     /// Records the config in effect in metrics and status.
     fn mark_applied(&mut self) {
         let a = &self.applied;
-        let at =
-            a.at.duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs_f64())
-                .unwrap_or(0.0);
+        let at = a.at.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
         let settings = a.loaded.config.settings_hash();
-        self.metrics
-            .config_info
-            .with_label_values(&[&a.loaded.rendered.hash, &settings])
-            .set(1);
+        self.metrics.config_info.with_label_values(&[&a.loaded.rendered.hash, &settings]).set(1);
         self.status.config.settings_hash = settings;
         self.metrics.config_last_apply_timestamp_seconds.set(at);
         self.status.config.hash = a.loaded.rendered.hash.clone();
@@ -688,31 +602,19 @@ impl Agent {
                  \"alive, readiness unknown\"; apilb switches to authenticated checks when one appears"
             );
         }
-        self.status.check = CheckStatus {
-            auth: check.mode_in_use().into(),
-            source: check.source.clone(),
-            verified,
-        };
+        self.status.check =
+            CheckStatus { auth: check.mode_in_use().into(), source: check.source.clone(), verified };
         let masters = &a.loaded.config.masters;
         self.metrics.masters_configured.set(masters.len() as i64);
         let known: Vec<String> = masters.iter().map(|m| m.name.clone()).collect();
-        for gone in self
-            .states
-            .keys()
-            .filter(|n| !known.contains(n))
-            .cloned()
-            .collect::<Vec<_>>()
-        {
+        for gone in self.states.keys().filter(|n| !known.contains(n)).cloned().collect::<Vec<_>>() {
             let last_check = self.check_statuses.remove(&gone);
             self.metrics.forget_master(&gone, last_check.as_deref());
             self.states.remove(&gone);
         }
         self.metrics.master_info.reset();
         for m in masters {
-            self.metrics
-                .master_info
-                .with_label_values(&[&m.name, &m.address.to_string(), "static"])
-                .set(1);
+            self.metrics.master_info.with_label_values(&[&m.name, &m.address.to_string(), "static"]).set(1);
             self.metrics.init_master(&m.name);
         }
     }
@@ -732,38 +634,23 @@ impl Agent {
             running = &self.running.hash[..self.running.hash.len().min(12)],
             "configuration change not applied; HAProxy keeps the config in effect: {message}"
         );
-        self.metrics
-            .haproxy_reloads_total
-            .with_label_values(&[result])
-            .inc();
-        self.status.config.last_reload = Some(ReloadRecord {
-            at: unix_now(),
-            result: result.into(),
-            message: Some(message.clone()),
-        });
+        self.metrics.haproxy_reloads_total.with_label_values(&[result]).inc();
+        self.status.config.last_reload =
+            Some(ReloadRecord { at: unix_now(), result: result.into(), message: Some(message.clone()) });
         self.status.config.pending_error = Some(message.clone());
         self.last_error = Some(message);
     }
 
     /// Deletes client bundles that no config in effect refers to.
     fn remove_unused_files(&self) {
-        let keep: Vec<PathBuf> = self
-            .applied
-            .loaded
-            .rendered
-            .aux_files
-            .iter()
-            .map(|a| a.path.clone())
-            .collect();
+        let keep: Vec<PathBuf> =
+            self.applied.loaded.rendered.aux_files.iter().map(|a| a.path.clone()).collect();
         let Ok(entries) = std::fs::read_dir(&self.paths.runtime_dir) else {
             return;
         };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with("check-client-")
-                && name.ends_with(".pem")
-                && !keep.contains(&e.path())
-            {
+            if name.starts_with("check-client-") && name.ends_with(".pem") && !keep.contains(&e.path()) {
                 let _ = std::fs::remove_file(e.path());
             }
         }
@@ -827,23 +714,12 @@ impl Agent {
         let (proc, stats) = tokio::join!(h.show_proc(), h.show_stat());
         match &proc {
             Ok(p) => {
-                self.workers_seen = p
-                    .workers
-                    .iter()
-                    .chain(&p.old_workers)
-                    .map(|w| w.pid)
-                    .collect();
+                self.workers_seen = p.workers.iter().chain(&p.old_workers).map(|w| w.pid).collect();
                 self.status.haproxy.master_pid = Some(p.master_pid);
                 self.status.haproxy.workers = p.workers.iter().map(|w| w.pid).collect();
                 self.status.haproxy.old_workers = p.old_workers.iter().map(|w| w.pid).collect();
-                self.metrics
-                    .haproxy_workers
-                    .with_label_values(&["current"])
-                    .set(p.workers.len() as i64);
-                self.metrics
-                    .haproxy_workers
-                    .with_label_values(&["old"])
-                    .set(p.old_workers.len() as i64);
+                self.metrics.haproxy_workers.with_label_values(&["current"]).set(p.workers.len() as i64);
+                self.metrics.haproxy_workers.with_label_values(&["old"]).set(p.old_workers.len() as i64);
             }
             Err(e) => {
                 self.metrics.poll_errors_total.inc();
@@ -867,17 +743,12 @@ impl Agent {
     fn observe(&mut self, stats: &Stats) {
         let config = &self.applied.loaded.config;
         self.status.listen = config.listen.to_string();
-        self.status.haproxy.frontend_open = stats
-            .frontends
-            .iter()
-            .any(|f| f.name == crate::render::FRONTEND && f.status == "OPEN");
+        self.status.haproxy.frontend_open =
+            stats.frontends.iter().any(|f| f.name == crate::render::FRONTEND && f.status == "OPEN");
         let now = unix_now();
         let mut masters = Vec::with_capacity(config.masters.len());
         for m in &config.masters {
-            let row = stats
-                .servers
-                .iter()
-                .find(|s| s.backend == crate::render::BACKEND && s.name == m.name);
+            let row = stats.servers.iter().find(|s| s.backend == crate::render::BACKEND && s.name == m.name);
             let fallback_name = format!("{}{FALLBACK_SUFFIX}", m.name);
             let twin = stats.servers.iter().find(|s| s.name == fallback_name);
             let mut ms = MasterStatus {
@@ -906,11 +777,8 @@ impl Agent {
 
                 let name = m.name.as_str();
                 self.metrics.set_state(name, Some(state));
-                let prev_check = self
-                    .check_statuses
-                    .insert(name.to_owned(), row.check_status.clone());
-                self.metrics
-                    .set_check_status(name, prev_check.as_deref(), &row.check_status);
+                let prev_check = self.check_statuses.insert(name.to_owned(), row.check_status.clone());
+                self.metrics.set_check_status(name, prev_check.as_deref(), &row.check_status);
                 self.metrics
                     .master_check_http_code
                     .with_label_values(&[name])
@@ -919,10 +787,7 @@ impl Agent {
                     .master_check_duration_seconds
                     .with_label_values(&[name])
                     .set(row.check_duration_ms.unwrap_or(0) as f64 / 1000.0);
-                self.metrics
-                    .master_sessions
-                    .with_label_values(&[name])
-                    .set(row.sessions as i64);
+                self.metrics.master_sessions.with_label_values(&[name]).set(row.sessions as i64);
                 self.metrics.observe_counters(
                     name,
                     ServerCounters {
@@ -943,10 +808,7 @@ impl Agent {
                             .master_transitions_total
                             .with_label_values(&[name, state.as_str()])
                             .inc();
-                        let code = row
-                            .check_code
-                            .map(|c| format!(", HTTP {c}"))
-                            .unwrap_or_default();
+                        let code = row.check_code.map(|c| format!(", HTTP {c}")).unwrap_or_default();
                         let info = if row.last_check.is_empty() {
                             String::new()
                         } else {
@@ -996,10 +858,7 @@ impl Agent {
 
     fn handover(self) -> Exit {
         let pid = self.haproxy.as_ref().map(Haproxy::pid);
-        tracing::info!(
-            ?pid,
-            "handing over: exiting and leaving HAProxy running for the next agent to adopt"
-        );
+        tracing::info!(?pid, "handing over: exiting and leaving HAProxy running for the next agent to adopt");
         Exit::HandedOver
     }
 
@@ -1009,11 +868,7 @@ impl Agent {
             return Exit::Stopped;
         };
         let grace = self.opts.shutdown_grace;
-        tracing::info!(
-            pid = h.pid(),
-            ?grace,
-            "stopping HAProxy gracefully; signal again to force"
-        );
+        tracing::info!(pid = h.pid(), ?grace, "stopping HAProxy gracefully; signal again to force");
         tokio::select! {
             exit = h.stop(grace) => {
                 tracing::info!(status = %exit.status, "HAProxy stopped");

@@ -108,10 +108,8 @@ fn default_listen() -> Listen {
 impl Config {
     /// Reads, parses and validates the config file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Config::parse(&text, &path.display().to_string())
     }
 
@@ -124,17 +122,13 @@ impl Config {
                 message: "the file is empty; at least one master is required".to_owned(),
             });
         }
-        let config: Config = serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
+        let config: Config = serde_yaml::from_str(text)
+            .map_err(|source| ConfigError::Parse { origin: origin.to_owned(), source })?;
+        config.validate().map_err(|(field, message)| ConfigError::Invalid {
             origin: origin.to_owned(),
-            source,
+            field,
+            message,
         })?;
-        config
-            .validate()
-            .map_err(|(field, message)| ConfigError::Invalid {
-                origin: origin.to_owned(),
-                field,
-                message,
-            })?;
         Ok(config)
     }
 
@@ -148,19 +142,13 @@ impl Config {
         shaping.metrics = Metrics::default();
         // Serializing plain structs and vectors cannot fail.
         let json = serde_json::to_vec(&shaping).unwrap_or_default();
-        Sha256::digest(&json)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        Sha256::digest(&json).iter().map(|b| format!("{b:02x}")).collect()
     }
 
     /// Cross-field rules. Returns the offending field's path and a message.
     fn validate(&self) -> Result<(), (String, String)> {
         if self.masters.is_empty() {
-            return Err((
-                "masters".into(),
-                "at least one master is required, e.g. `- 10.0.0.1:6443`".into(),
-            ));
+            return Err(("masters".into(), "at least one master is required, e.g. `- 10.0.0.1:6443`".into()));
         }
         let mut by_address: HashMap<String, usize> = HashMap::new();
         let mut by_name: HashMap<&str, usize> = HashMap::new();
@@ -183,10 +171,7 @@ impl Config {
         }
 
         let tls = &self.health.tls;
-        if tls.ca_file.is_none()
-            && !tls.insecure_skip_verify
-            && self.health.auth.mode != AuthMode::Auto
-        {
+        if tls.ca_file.is_none() && !tls.insecure_skip_verify && self.health.auth.mode != AuthMode::Auto {
             return Err((
                 "health.tls.ca_file".into(),
                 "is required to verify the API servers' certificate; set it, or set \
@@ -217,31 +202,21 @@ impl Config {
             AuthMode::None if auth.token_file.is_some() || auth.cert_file.is_some() => {
                 return Err((
                     "health.auth.mode".into(),
-                    "is none, but token_file or cert_file is set; use bearer, client_cert or auto"
-                        .into(),
+                    "is none, but token_file or cert_file is set; use bearer, client_cert or auto".into(),
                 ));
             }
             _ => {}
         }
         if auth.key_file.is_some() && auth.cert_file.is_none() {
-            return Err((
-                "health.auth.key_file".into(),
-                "is set without health.auth.cert_file".into(),
-            ));
+            return Err(("health.auth.key_file".into(), "is set without health.auth.cert_file".into()));
         }
         if self.health.expect_status.is_empty() {
-            return Err((
-                "health.expect_status".into(),
-                "needs at least one status code, e.g. [200]".into(),
-            ));
+            return Err(("health.expect_status".into(), "needs at least one status code, e.g. [200]".into()));
         }
 
         let check_ms = |field: &str, d: Duration, min_ms: u64| {
             if d.as_millis() < min_ms {
-                Err((
-                    field.to_owned(),
-                    format!("{d} is too short; the minimum is {min_ms}ms"),
-                ))
+                Err((field.to_owned(), format!("{d} is too short; the minimum is {min_ms}ms")))
             } else {
                 Ok(())
             }
@@ -251,15 +226,8 @@ impl Config {
         check_ms("timeouts.connect", self.timeouts.connect, 100)?;
         check_ms("timeouts.client", self.timeouts.client, 1000)?;
         check_ms("timeouts.server", self.timeouts.server, 1000)?;
-        check_ms(
-            "haproxy.hard_stop_after",
-            self.haproxy.hard_stop_after,
-            1000,
-        )?;
-        for (field, v) in [
-            ("health.rise", self.health.rise),
-            ("health.fall", self.health.fall),
-        ] {
+        check_ms("haproxy.hard_stop_after", self.haproxy.hard_stop_after, 1000)?;
+        for (field, v) in [("health.rise", self.health.rise), ("health.fall", self.health.fall)] {
             if !(1..=100).contains(&v) {
                 return Err((field.into(), format!("{v} is out of range 1..=100")));
             }
@@ -283,17 +251,11 @@ impl Config {
                 ));
             }
             if stats.listen.0 == self.listen.0 {
-                return Err((
-                    "stats.listen".into(),
-                    "is the same address as listen".into(),
-                ));
+                return Err(("stats.listen".into(), "is the same address as listen".into()));
             }
         }
         if self.metrics.listen.0 == self.listen.0 {
-            return Err((
-                "metrics.listen".into(),
-                "is the same address as listen".into(),
-            ));
+            return Err(("metrics.listen".into(), "is the same address as listen".into()));
         }
 
         for (field, dir) in [
@@ -301,10 +263,7 @@ impl Config {
             ("haproxy.state_dir", &self.haproxy.state_dir),
         ] {
             if !dir.is_absolute() {
-                return Err((
-                    field.into(),
-                    format!("{} must be an absolute path", dir.display()),
-                ));
+                return Err((field.into(), format!("{} must be an absolute path", dir.display())));
             }
         }
         let longest = self.haproxy.runtime_dir.as_os_str().len() + LONGEST_SOCKET_NAME.len();
@@ -438,9 +397,8 @@ impl FromStr for Address {
             let (ip, after) = rest
                 .split_once(']')
                 .ok_or_else(|| format!("\"{s}\" has an unclosed '[' around its IPv6 address"))?;
-            let ip: Ipv6Addr = ip
-                .parse()
-                .map_err(|_| format!("\"{s}\": \"{ip}\" is not a valid IPv6 address"))?;
+            let ip: Ipv6Addr =
+                ip.parse().map_err(|_| format!("\"{s}\": \"{ip}\" is not a valid IPv6 address"))?;
             let port = match after.strip_prefix(':') {
                 Some(p) => p,
                 None if after.is_empty() => {
@@ -456,19 +414,15 @@ impl FromStr for Address {
                      e.g. [fd00::1]:6443"
                 ));
             }
-            let (host, port) = s.split_once(':').ok_or_else(|| {
-                format!("\"{s}\" has no port (expected host:port, e.g. {s}:6443)")
-            })?;
+            let (host, port) = s
+                .split_once(':')
+                .ok_or_else(|| format!("\"{s}\" has no port (expected host:port, e.g. {s}:6443)"))?;
             if host.is_empty() {
                 return Err(format!("\"{s}\" has no host"));
             }
             (parse_host(host).map_err(|e| format!("\"{s}\": {e}"))?, port)
         };
-        let port = port
-            .parse::<u16>()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| bad_port(port))?;
+        let port = port.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| bad_port(port))?;
         Ok(Address { host, port })
     }
 }
@@ -485,9 +439,7 @@ fn parse_host(host: &str) -> Result<Host, String> {
     for label in &labels {
         let ok = !label.is_empty()
             && label.len() <= 63
-            && label
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
             && !label.starts_with('-')
             && !label.ends_with('-');
         if !ok {
@@ -524,13 +476,8 @@ fn validate_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 63 {
         return Err(format!("name \"{name}\" must be 1 to 63 characters"));
     }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-    {
-        return Err(format!(
-            "name \"{name}\" may only contain letters, digits, '-', '_' and '.'"
-        ));
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) {
+        return Err(format!("name \"{name}\" may only contain letters, digits, '-', '_' and '.'"));
     }
     Ok(())
 }
@@ -564,17 +511,11 @@ impl<'de> Deserialize<'de> for MasterSpec {
                 f.write_str("\"host:port\" or a map {name, address}")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<MasterSpec, E> {
-                Ok(MasterSpec {
-                    name: None,
-                    address: v.parse().map_err(E::custom)?,
-                })
+                Ok(MasterSpec { name: None, address: v.parse().map_err(E::custom)? })
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<MasterSpec, A::Error> {
                 let m = Map::deserialize(de::value::MapAccessDeserializer::new(map))?;
-                Ok(MasterSpec {
-                    name: m.name,
-                    address: m.address,
-                })
+                Ok(MasterSpec { name: m.name, address: m.address })
             }
         }
         d.deserialize_any(SpecVisitor)
@@ -587,9 +528,7 @@ fn deserialize_masters<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Master>, D
     let specs = Vec::<MasterSpec>::deserialize(d)?;
     let mut host_count: HashMap<String, usize> = HashMap::new();
     for s in specs.iter().filter(|s| s.name.is_none()) {
-        *host_count
-            .entry(s.address.host_str().to_ascii_lowercase())
-            .or_default() += 1;
+        *host_count.entry(s.address.host_str().to_ascii_lowercase()).or_default() += 1;
     }
     Ok(specs
         .into_iter()
@@ -597,21 +536,13 @@ fn deserialize_masters<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Master>, D
             let name = s.name.unwrap_or_else(|| {
                 let host = s.address.host_str();
                 let base = derive_name(&host);
-                if host_count
-                    .get(&host.to_ascii_lowercase())
-                    .copied()
-                    .unwrap_or(0)
-                    > 1
-                {
+                if host_count.get(&host.to_ascii_lowercase()).copied().unwrap_or(0) > 1 {
                     format!("{base}-{}", s.address.port)
                 } else {
                     base
                 }
             });
-            Master {
-                name,
-                address: s.address,
-            }
+            Master { name, address: s.address }
         })
         .collect())
 }
@@ -619,13 +550,7 @@ fn deserialize_masters<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Master>, D
 /// Makes a server name out of a host: IPv6 colons become dashes.
 pub fn derive_name(host: &str) -> String {
     host.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                c
-            } else {
-                '-'
-            }
-        })
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '-' })
         .collect()
 }
 
@@ -712,18 +637,13 @@ fn deserialize_statuses<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u16>, D::
                         .ok()
                         .filter(|c| (100..=599).contains(c))
                         .map(Status)
-                        .ok_or_else(|| {
-                            E::custom(format!("{v} is not an HTTP status code (100-599)"))
-                        })
+                        .ok_or_else(|| E::custom(format!("{v} is not an HTTP status code (100-599)")))
                 }
             }
             d.deserialize_u64(V)
         }
     }
-    Ok(Vec::<Status>::deserialize(d)?
-        .into_iter()
-        .map(|s| s.0)
-        .collect())
+    Ok(Vec::<Status>::deserialize(d)?.into_iter().map(|s| s.0).collect())
 }
 
 /// The path of the check request: absolute, printable, no spaces.
@@ -736,10 +656,7 @@ impl<'de> Deserialize<'de> for HttpPath {
             if !s.starts_with('/') {
                 return Err(format!("\"{s}\" must start with '/'"));
             }
-            if !s
-                .bytes()
-                .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\' && b != b'#')
-            {
+            if !s.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\' && b != b'#') {
                 return Err(format!(
                     "\"{s}\" may only contain printable characters without spaces, quotes, '\\' or '#'"
                 ));
@@ -952,14 +869,8 @@ pub struct StatsAuth {
 
 fn deserialize_user<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     fn parse(s: &str) -> Result<String, String> {
-        if s.is_empty()
-            || !s
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        {
-            return Err(format!(
-                "\"{s}\" may only contain letters, digits, '-', '_' and '.'"
-            ));
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) {
+            return Err(format!("\"{s}\" may only contain letters, digits, '-', '_' and '.'"));
         }
         Ok(s.to_owned())
     }
@@ -976,9 +887,7 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Metrics {
-            listen: Listen(SocketAddr::from((Ipv4Addr::LOCALHOST, 9716))),
-        }
+        Metrics { listen: Listen(SocketAddr::from((Ipv4Addr::LOCALHOST, 9716))) }
     }
 }
 
@@ -1034,11 +943,8 @@ impl Duration {
 impl FromStr for Duration {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || {
-            format!(
-                "\"{s}\" is not a duration; write a number and a unit, e.g. 500ms, 2s, 30m or 1h"
-            )
-        };
+        let bad =
+            || format!("\"{s}\" is not a duration; write a number and a unit, e.g. 500ms, 2s, 30m or 1h");
         if s.is_empty() {
             return Err(bad());
         }
@@ -1108,14 +1014,10 @@ impl<'de> Deserialize<'de> for Duration {
                 Err(E::custom(format!("{v} needs a unit, e.g. {v}s or {v}ms")))
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Duration, E> {
-                Err(E::custom(format!(
-                    "{v} is not a duration; write e.g. 2s or 500ms"
-                )))
+                Err(E::custom(format!("{v} is not a duration; write e.g. 2s or 500ms")))
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<Duration, E> {
-                Err(E::custom(format!(
-                    "{v} is not a duration; write e.g. 1500ms instead of 1.5s"
-                )))
+                Err(E::custom(format!("{v} is not a duration; write e.g. 1500ms instead of 1.5s")))
             }
         }
         d.deserialize_any(DurVisitor)

@@ -45,13 +45,9 @@ Commands (type one, then Enter):
 pub async fn run(binary: &str) -> Result<(), DemoError> {
     use tokio::signal::unix::{SignalKind, signal};
     // Registered once, before anything starts, so no Ctrl-C is lost.
-    let mut interrupt =
-        signal(SignalKind::interrupt()).map_err(crate::testapi::TestApiError::Io)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(crate::testapi::TestApiError::Io)?;
     let mut term = signal(SignalKind::terminate()).map_err(crate::testapi::TestApiError::Io)?;
-    Binary::new(binary)
-        .version()
-        .await
-        .map_err(DemoError::Haproxy)?;
+    Binary::new(binary).version().await.map_err(DemoError::Haproxy)?;
     let lab = Lab::start(LabOptions {
         masters: 3,
         auth: LabAuth::ClientCert,
@@ -60,16 +56,13 @@ pub async fn run(binary: &str) -> Result<(), DemoError> {
     })
     .await?;
     let yaml = lab.config_yaml(&format!("  binary: {binary}\n"));
-    lab.write_config(&yaml)
-        .map_err(crate::testapi::TestApiError::Io)?;
+    lab.write_config(&yaml).map_err(crate::testapi::TestApiError::Io)?;
     let handle = agent::start(agent::Options {
         config_path: lab.config_path(),
         shutdown_grace: Duration::from_secs(2),
     })
     .await?;
-    let exe = std::env::current_exe()
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|_| "apilb".into());
+    let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "apilb".into());
     let d = lab.dir.path().display();
     println!(
         "\napilb demo: three test API servers (real TLS, anonymous auth off) behind HAProxy,\n\
@@ -84,12 +77,8 @@ pub async fn run(binary: &str) -> Result<(), DemoError> {
          \x20 curl -s http://{metrics}/metrics | grep -E '^apilb_master_(up|state)'\n\n\
          {HELP}\n",
         listen = lab.listen,
-        masters = lab
-            .servers
-            .iter()
-            .map(|s| format!("{} {}", s.name(), s.addr()))
-            .collect::<Vec<_>>()
-            .join(", "),
+        masters =
+            lab.servers.iter().map(|s| format!("{} {}", s.name(), s.addr())).collect::<Vec<_>>().join(", "),
         metrics = handle.metrics_addr(),
         token = lab.token,
     );
@@ -152,10 +141,7 @@ fn prompt() {
 
 fn fingerprint(s: &Status) -> String {
     // State changes, and the first real check result of each master.
-    s.masters
-        .iter()
-        .map(|m| format!("{}={}/{} ", m.name, m.state, m.check_status == "INI"))
-        .collect()
+    s.masters.iter().map(|m| format!("{}={}/{} ", m.name, m.state, m.check_status == "INI")).collect()
 }
 
 fn print_table(s: &Status) {

@@ -38,17 +38,10 @@ pub struct HttpState {
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-fn respond(
-    status: StatusCode,
-    content_type: &str,
-    body: impl Into<Bytes>,
-) -> Response<Full<Bytes>> {
+fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
     if let Ok(v) = content_type.parse() {
@@ -62,11 +55,7 @@ fn route(state: &HttpState, req: &Request<hyper::body::Incoming>) -> Response<Fu
         return respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n");
     }
     match req.uri().path() {
-        "/metrics" => respond(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            state.metrics.encode(),
-        ),
+        "/metrics" => respond(StatusCode::OK, "text/plain; version=0.0.4", state.metrics.encode()),
         "/healthz" => {
             let age = now_ms().saturating_sub(state.heartbeat.load(Ordering::Relaxed));
             if Duration::from_millis(age) <= state.stale_after {
@@ -81,19 +70,11 @@ fn route(state: &HttpState, req: &Request<hyper::body::Incoming>) -> Response<Fu
         }
         "/readyz" => match state.status.borrow().readiness() {
             Ok(()) => respond(StatusCode::OK, "text/plain", "ok\n"),
-            Err(why) => respond(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "text/plain",
-                format!("{why}\n"),
-            ),
+            Err(why) => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("{why}\n")),
         },
         "/status" => match serde_json::to_string_pretty(&*state.status.borrow()) {
             Ok(json) => respond(StatusCode::OK, "application/json", json),
-            Err(e) => respond(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "text/plain",
-                e.to_string(),
-            ),
+            Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e.to_string()),
         },
         _ => respond(
             StatusCode::NOT_FOUND,
@@ -104,11 +85,7 @@ fn route(state: &HttpState, req: &Request<hyper::body::Incoming>) -> Response<Fu
 }
 
 /// Serves until `shutdown` completes.
-pub async fn serve(
-    listener: TcpListener,
-    state: Arc<HttpState>,
-    shutdown: impl Future<Output = ()>,
-) {
+pub async fn serve(listener: TcpListener, state: Arc<HttpState>, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
     loop {
         let (tcp, _) = tokio::select! {

@@ -133,11 +133,7 @@ impl CheckAuth {
     /// The mode in effect, for metrics and status: the credential kind, or
     /// `bootstrap`.
     pub fn mode_in_use(&self) -> &'static str {
-        if self.bootstrap {
-            "bootstrap"
-        } else {
-            self.credential.kind()
-        }
+        if self.bootstrap { "bootstrap" } else { self.credential.kind() }
     }
 }
 
@@ -157,36 +153,23 @@ impl Inputs {
             Some(auth) => Some(read_password(&auth.password_file)?),
             None => None,
         };
-        Ok(Inputs {
-            check: resolve_check(config)?,
-            stats_password,
-        })
+        Ok(Inputs { check: resolve_check(config)?, stats_password })
     }
 }
 
 fn io_err(field: &str, path: &Path, e: std::io::Error) -> InputError {
     let problem = match e.kind() {
         std::io::ErrorKind::NotFound => "no such file".to_owned(),
-        std::io::ErrorKind::PermissionDenied => {
-            "permission denied (apilb runs as root under systemd; \
+        std::io::ErrorKind::PermissionDenied => "permission denied (apilb runs as root under systemd; \
                                                  check the file's owner and mode)"
-                .to_owned()
-        }
+            .to_owned(),
         _ => e.to_string(),
     };
-    InputError {
-        field: field.to_owned(),
-        path: path.to_owned(),
-        problem,
-    }
+    InputError { field: field.to_owned(), path: path.to_owned(), problem }
 }
 
 fn bad(field: &str, path: &Path, problem: impl Into<String>) -> InputError {
-    InputError {
-        field: field.to_owned(),
-        path: path.to_owned(),
-        problem: problem.into(),
-    }
+    InputError { field: field.to_owned(), path: path.to_owned(), problem: problem.into() }
 }
 
 fn sha256_hex(data: &[u8]) -> String {
@@ -203,10 +186,7 @@ fn read_ca(field: &str, path: &Path) -> Result<Verify, InputError> {
     if certs.is_empty() {
         return Err(bad(field, path, "holds no PEM certificate"));
     }
-    Ok(Verify::Ca {
-        path: path.to_owned(),
-        digest: sha256_hex(&data),
-    })
+    Ok(Verify::Ca { path: path.to_owned(), digest: sha256_hex(&data) })
 }
 
 /// Reads a bearer token: one line of visible ASCII.
@@ -216,10 +196,7 @@ fn read_token(field: &str, path: &Path) -> Result<Secret, InputError> {
     if token.is_empty() {
         return Err(bad(field, path, "is empty"));
     }
-    if !token
-        .bytes()
-        .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
-    {
+    if !token.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\') {
         return Err(bad(
             field,
             path,
@@ -260,24 +237,12 @@ fn read_client_cert(
         return Err(bad(cert_field, cert, "holds no PEM certificate"));
     }
     let (key_pem, key_path, key_field) = match key {
-        Some(k) => (
-            std::fs::read(k).map_err(|e| io_err(key_field, k, e))?,
-            k,
-            key_field,
-        ),
+        Some(k) => (std::fs::read(k).map_err(|e| io_err(key_field, k, e))?, k, key_field),
         None => (cert_pem.clone(), cert, cert_field),
     };
     if PrivateKeyDer::from_pem_slice(&key_pem).is_err() {
-        let hint = if key.is_none() {
-            " (set key_file when the key is in its own file)"
-        } else {
-            ""
-        };
-        return Err(bad(
-            key_field,
-            key_path,
-            format!("holds no PEM private key{hint}"),
-        ));
+        let hint = if key.is_none() { " (set key_file when the key is in its own file)" } else { "" };
+        return Err(bad(key_field, key_path, format!("holds no PEM private key{hint}")));
     }
     let mut bundle = String::from_utf8_lossy(&cert_pem).into_owned();
     if key.is_some() {
@@ -287,11 +252,7 @@ fn read_client_cert(
         bundle.push_str(&String::from_utf8_lossy(&key_pem));
     }
     let digest = sha256_hex(bundle.as_bytes());
-    Ok(Credential::ClientCert {
-        bundle: Secret::new(bundle),
-        digest,
-        cert_path: cert.to_owned(),
-    })
+    Ok(Credential::ClientCert { bundle: Secret::new(bundle), digest, cert_path: cert.to_owned() })
 }
 
 fn resolve_check(config: &Config) -> Result<CheckAuth, InputError> {
@@ -311,23 +272,12 @@ fn resolve_check(config: &Config) -> Result<CheckAuth, InputError> {
         notes: Vec::new(),
     };
     match auth.mode {
-        AuthMode::None => Ok(fixed(
-            explicit_verify()?,
-            Credential::Anonymous,
-            "none".into(),
-        )),
+        AuthMode::None => Ok(fixed(explicit_verify()?, Credential::Anonymous, "none".into())),
         AuthMode::Bearer => {
             let path = auth.token_file.as_deref().unwrap_or(Path::new(""));
             let token = read_token("health.auth.token_file", path)?;
             let source = format!("token file {}", path.display());
-            Ok(fixed(
-                explicit_verify()?,
-                Credential::Bearer {
-                    token,
-                    path: path.to_owned(),
-                },
-                source,
-            ))
+            Ok(fixed(explicit_verify()?, Credential::Bearer { token, path: path.to_owned() }, source))
         }
         AuthMode::ClientCert => {
             let cert = auth.cert_file.as_deref().unwrap_or(Path::new(""));
@@ -337,11 +287,7 @@ fn resolve_check(config: &Config) -> Result<CheckAuth, InputError> {
                 "health.auth.key_file",
                 auth.key_file.as_deref(),
             )?;
-            Ok(fixed(
-                explicit_verify()?,
-                cred,
-                format!("certificate {}", cert.display()),
-            ))
+            Ok(fixed(explicit_verify()?, cred, format!("certificate {}", cert.display())))
         }
         AuthMode::Auto => resolve_auto(config),
     }
@@ -361,10 +307,7 @@ fn resolve_auto(config: &Config) -> Result<CheckAuth, InputError> {
     let configured_ca = match &tls.ca_file {
         Some(ca) if ca.exists() => Some(read_ca("health.tls.ca_file", ca)?),
         Some(ca) => {
-            notes.push(format!(
-                "health.tls.ca_file {} does not exist (yet)",
-                ca.display()
-            ));
+            notes.push(format!("health.tls.ca_file {} does not exist (yet)", ca.display()));
             None
         }
         None if tls.insecure_skip_verify => Some(Verify::Insecure),
@@ -382,25 +325,16 @@ fn resolve_auto(config: &Config) -> Result<CheckAuth, InputError> {
             )?;
             found = Some((cred, format!("certificate {}", cert.display()), None));
         } else {
-            notes.push(format!(
-                "health.auth.cert_file {} does not exist (yet)",
-                cert.display()
-            ));
+            notes.push(format!("health.auth.cert_file {} does not exist (yet)", cert.display()));
         }
     }
     if let (None, Some(tok)) = (&found, &auth.token_file) {
         if tok.exists() {
             let token = read_token("health.auth.token_file", tok)?;
-            let cred = Credential::Bearer {
-                token,
-                path: tok.clone(),
-            };
+            let cred = Credential::Bearer { token, path: tok.clone() };
             found = Some((cred, format!("token file {}", tok.display()), None));
         } else {
-            notes.push(format!(
-                "health.auth.token_file {} does not exist (yet)",
-                tok.display()
-            ));
+            notes.push(format!("health.auth.token_file {} does not exist (yet)", tok.display()));
         }
     }
     if found.is_none() {
@@ -419,24 +353,14 @@ fn resolve_auto(config: &Config) -> Result<CheckAuth, InputError> {
                 Some(ca) if ca.exists() => Some(read_ca(&format!("{field}.ca_file"), ca)?),
                 _ => None,
             };
-            found = Some((
-                cred,
-                format!("{} ({})", wk.name, wk.cert_file.display()),
-                ca,
-            ));
+            found = Some((cred, format!("{} ({})", wk.name, wk.cert_file.display()), ca));
             break;
         }
     }
 
     match found {
         Some((credential, source, paired_ca)) => match configured_ca.or(paired_ca) {
-            Some(verify) => Ok(CheckAuth {
-                verify,
-                credential,
-                bootstrap: false,
-                source,
-                notes,
-            }),
+            Some(verify) => Ok(CheckAuth { verify, credential, bootstrap: false, source, notes }),
             None => {
                 notes.push(format!(
                     "found {source} but no CA to verify the API servers with; the credential is not \

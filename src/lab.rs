@@ -35,12 +35,7 @@ pub struct LabOptions {
 
 impl Default for LabOptions {
     fn default() -> Self {
-        LabOptions {
-            masters: 3,
-            auth: LabAuth::ClientCert,
-            listen_port: None,
-            metrics_port: None,
-        }
+        LabOptions { masters: 3, auth: LabAuth::ClientCert, listen_port: None, metrics_port: None }
     }
 }
 
@@ -59,12 +54,7 @@ pub struct HealthSettings {
 
 impl Default for HealthSettings {
     fn default() -> Self {
-        HealthSettings {
-            interval: "1s".into(),
-            timeout: "1s".into(),
-            rise: 2,
-            fall: 2,
-        }
+        HealthSettings { interval: "1s".into(), timeout: "1s".into(), rise: 2, fall: 2 }
     }
 }
 
@@ -107,10 +97,8 @@ impl Lab {
         let pki = Pki::new("apilb lab CA")?;
         let token = format!("lab-token-{}", std::process::id());
         let node_cert = pki.client_cert("system:node:lab-node", &["system:nodes"])?;
-        let serving = pki.server_cert(
-            "kube-apiserver",
-            &["kubernetes", "kubernetes.default", "localhost", "127.0.0.1"],
-        )?;
+        let serving = pki
+            .server_cert("kube-apiserver", &["kubernetes", "kubernetes.default", "localhost", "127.0.0.1"])?;
         let auth = Auth {
             anonymous: opts.auth == LabAuth::Anonymous,
             tokens: vec![token.clone()],
@@ -123,9 +111,7 @@ impl Lab {
                     name: format!("master-{i}"),
                     cert: serving.clone(),
                     auth: auth.clone(),
-                    bind: "127.0.0.1:0"
-                        .parse()
-                        .map_err(|e| TestApiError::Setup(format!("{e}")))?,
+                    bind: "127.0.0.1:0".parse().map_err(|e| TestApiError::Setup(format!("{e}")))?,
                 })
                 .await?,
             );
@@ -159,9 +145,8 @@ impl Lab {
     }
 
     fn write_files(&self) -> std::io::Result<()> {
-        let write = |name: &str, data: &str| {
-            crate::fsutil::write_atomic(&self.path(name), data.as_bytes(), 0o600)
-        };
+        let write =
+            |name: &str, data: &str| crate::fsutil::write_atomic(&self.path(name), data.as_bytes(), 0o600);
         write("ca.crt", &self.pki.ca_pem())?;
         write("node.crt", &self.node_cert.cert_pem)?;
         write("node.key", &self.node_cert.key_pem)?;
@@ -170,10 +155,7 @@ impl Lab {
 
     /// The `masters:` entries for the given servers.
     pub fn masters_yaml(&self, servers: &[&ApiServer]) -> String {
-        servers
-            .iter()
-            .map(|s| format!("  - {{name: {}, address: \"{}\"}}\n", s.name(), s.addr()))
-            .collect()
+        servers.iter().map(|s| format!("  - {{name: {}, address: \"{}\"}}\n", s.name(), s.addr())).collect()
     }
 
     /// The lab's apilb.yaml, with `extra` YAML appended. The `haproxy:`
@@ -229,10 +211,8 @@ impl Lab {
         if let Ok(pid) = std::fs::read_to_string(pidfile)
             && let Ok(pid) = pid.trim().parse::<i32>()
         {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
         }
     }
 }

@@ -51,13 +51,7 @@ pub struct Loaded {
 pub fn load(path: &Path, paths: Option<&render::Paths>) -> Result<Loaded, LoadError> {
     let config = config::Config::load(path)?;
     let inputs = inputs::Inputs::gather(&config)?;
-    let paths = paths
-        .cloned()
-        .unwrap_or_else(|| render::Paths::from_config(&config));
+    let paths = paths.cloned().unwrap_or_else(|| render::Paths::from_config(&config));
     let rendered = render::render(&config, &inputs, &paths);
-    Ok(Loaded {
-        config,
-        inputs,
-        rendered,
-    })
+    Ok(Loaded { config, inputs, rendered })
 }

@@ -147,8 +147,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn init_logging(format: LogFormat, default_filter: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_env("APILB_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let filter = EnvFilter::try_from_env("APILB_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter));
     use std::io::IsTerminal;
     // Colours only on a terminal: journald and files get plain text.
     let builder = tracing_subscriber::fmt()
@@ -163,11 +162,7 @@ fn init_logging(format: LogFormat, default_filter: &str) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("apilb: cannot start the async runtime: {e}");
@@ -197,18 +192,12 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Run { shutdown_grace } => {
             init_logging(cli.log_format, "info");
-            run(agent::Options {
-                config_path: cli.config,
-                shutdown_grace,
-            })
-            .await
+            run(agent::Options { config_path: cli.config, shutdown_grace }).await
         }
         Command::Demo { haproxy } => {
             // State changes (apilb) and HAProxy's warnings; not every notice.
             init_logging(cli.log_format, "warn,apilb::agent=info");
-            apilb::demo::run(&haproxy)
-                .await
-                .map_err(|e| (EXIT_FAILURE, e.to_string()))
+            apilb::demo::run(&haproxy).await.map_err(|e| (EXIT_FAILURE, e.to_string()))
         }
         Command::Status { json, address } => status(&cli.config, json, address).await,
         Command::Reload { pid, timeout } => reload(&cli.config, pid, timeout).await,
@@ -232,25 +221,12 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Render {
-            output,
-            show_secrets,
-        } => {
+        Command::Render { output, show_secrets } => {
             let loaded = apilb::load(&cli.config, None).map_err(config_error)?;
-            let text = if show_secrets {
-                loaded.rendered.text.clone()
-            } else {
-                loaded.rendered.redacted()
-            };
+            let text = if show_secrets { loaded.rendered.text.clone() } else { loaded.rendered.redacted() };
             match output {
-                Some(path) => {
-                    apilb::fsutil::write_atomic(&path, text.as_bytes(), 0o600).map_err(|e| {
-                        (
-                            EXIT_FAILURE,
-                            format!("cannot write {}: {e}", path.display()),
-                        )
-                    })?
-                }
+                Some(path) => apilb::fsutil::write_atomic(&path, text.as_bytes(), 0o600)
+                    .map_err(|e| (EXIT_FAILURE, format!("cannot write {}: {e}", path.display())))?,
                 None => print!("{text}"),
             }
             for aux in &loaded.rendered.aux_files {
@@ -269,16 +245,13 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
         }
         Command::Man { out_dir } => {
             let cmd = <Cli as clap::CommandFactory>::command();
-            let fail =
-                |e: std::io::Error| (EXIT_FAILURE, format!("cannot write the manual pages: {e}"));
+            let fail = |e: std::io::Error| (EXIT_FAILURE, format!("cannot write the manual pages: {e}"));
             match out_dir {
                 Some(dir) => {
                     std::fs::create_dir_all(&dir).map_err(fail)?;
                     clap_mangen::generate_to(cmd, &dir).map_err(fail)
                 }
-                None => clap_mangen::Man::new(cmd)
-                    .render(&mut std::io::stdout())
-                    .map_err(fail),
+                None => clap_mangen::Man::new(cmd).render(&mut std::io::stdout()).map_err(fail),
             }
         }
     }
@@ -296,11 +269,7 @@ async fn run(options: agent::Options) -> Result<(), Failure> {
         return Err((EXIT_FAILURE, "cannot install signal handlers".into()));
     };
     let handle = agent::start(options).await.map_err(|e| {
-        let code = if e.is_config() {
-            EXIT_CONFIG
-        } else {
-            EXIT_FAILURE
-        };
+        let code = if e.is_config() { EXIT_CONFIG } else { EXIT_FAILURE };
         tracing::error!("{e}");
         (code, e.to_string())
     })?;
@@ -329,11 +298,7 @@ async fn run(options: agent::Options) -> Result<(), Failure> {
     }
 }
 
-async fn status(
-    path: &Path,
-    json: bool,
-    address: Option<std::net::SocketAddr>,
-) -> Result<(), Failure> {
+async fn status(path: &Path, json: bool, address: Option<std::net::SocketAddr>) -> Result<(), Failure> {
     let addr = match address {
         Some(a) => a,
         None => match Config::load(path) {
@@ -353,9 +318,7 @@ async fn status(
             Err(e) => return Err(config_error(e)),
         },
     };
-    let s = status_client::fetch(addr)
-        .await
-        .map_err(|e| (EXIT_FAILURE, e.to_string()))?;
+    let s = status_client::fetch(addr).await.map_err(|e| (EXIT_FAILURE, e.to_string()))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
     } else {
@@ -368,67 +331,41 @@ async fn reload(path: &Path, pid: Option<i32>, timeout: Duration) -> Result<(), 
     check(path).await?;
     let loaded = apilb::load(path, None).map_err(config_error)?;
     let addr = status_client::target(loaded.config.metrics.listen.0);
-    let before = status_client::fetch(addr)
-        .await
-        .map_err(|e| (EXIT_FAILURE, e.to_string()))?;
+    let before = status_client::fetch(addr).await.map_err(|e| (EXIT_FAILURE, e.to_string()))?;
     let pid = match pid {
         Some(p) => p,
         None => {
             let file = loaded.config.haproxy.runtime_dir.join("apilb.pid");
-            std::fs::read_to_string(&file)
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-                .ok_or_else(|| {
-                    (
-                        EXIT_FAILURE,
-                        format!(
-                            "cannot read the agent's pid from {}; pass --pid",
-                            file.display()
-                        ),
-                    )
-                })?
+            std::fs::read_to_string(&file).ok().and_then(|s| s.trim().parse().ok()).ok_or_else(|| {
+                (EXIT_FAILURE, format!("cannot read the agent's pid from {}; pass --pid", file.display()))
+            })?
         }
     };
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGHUP,
-    )
-    .map_err(|e| {
-        (
-            EXIT_FAILURE,
-            format!("cannot signal the agent (pid {pid}): {e}"),
-        )
-    })?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGHUP)
+        .map_err(|e| (EXIT_FAILURE, format!("cannot signal the agent (pid {pid}): {e}")))?;
     let want = &loaded.rendered.hash;
     let sent = std::time::Instant::now();
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = status_client::fetch(addr)
-            .await
-            .map_err(|e| (EXIT_FAILURE, e.to_string()))?;
+        let now = status_client::fetch(addr).await.map_err(|e| (EXIT_FAILURE, e.to_string()))?;
         if &now.config.hash == want && now.config.pending_error.is_none() {
             println!("applied: HAProxy runs config sha256:{}", &want[..12]);
             return Ok(());
         }
-        let reported = now.config.last_reload.as_ref().map(|r| r.at)
-            != before.config.last_reload.as_ref().map(|r| r.at);
+        let reported =
+            now.config.last_reload.as_ref().map(|r| r.at) != before.config.last_reload.as_ref().map(|r| r.at);
         if let Some(err) = &now.config.pending_error
             && (reported || sent.elapsed() > Duration::from_secs(2))
         {
             return Err((
                 EXIT_FAILURE,
-                format!(
-                    "the agent did not apply the change (HAProxy keeps the config in effect): {err}"
-                ),
+                format!("the agent did not apply the change (HAProxy keeps the config in effect): {err}"),
             ));
         }
         if sent.elapsed() > timeout {
             return Err((
                 EXIT_FAILURE,
-                format!(
-                    "the agent did not apply sha256:{} within {timeout:?}",
-                    &want[..12]
-                ),
+                format!("the agent did not apply sha256:{} within {timeout:?}", &want[..12]),
             ));
         }
     }
@@ -438,23 +375,13 @@ async fn check(path: &Path) -> Result<(), Failure> {
     let scratch = tempfile::Builder::new()
         .prefix("apilb-check-")
         .tempdir()
-        .map_err(|e| {
-            (
-                EXIT_FAILURE,
-                format!("cannot create a scratch directory: {e}"),
-            )
-        })?;
+        .map_err(|e| (EXIT_FAILURE, format!("cannot create a scratch directory: {e}")))?;
     let paths = render::scratch_paths(scratch.path());
     let loaded = apilb::load(path, Some(&paths)).map_err(config_error)?;
     let binary = Binary::new(&loaded.config.haproxy.binary);
-    let version = binary
-        .version()
-        .await
-        .map_err(|e| (EXIT_FAILURE, e.to_string()))?;
-    let warnings = binary
-        .validate_at(&loaded.rendered, &paths, &paths.config_file())
-        .await
-        .map_err(|e| match e {
+    let version = binary.version().await.map_err(|e| (EXIT_FAILURE, e.to_string()))?;
+    let warnings =
+        binary.validate_at(&loaded.rendered, &paths, &paths.config_file()).await.map_err(|e| match e {
             BinaryError::Rejected { .. } => (EXIT_CONFIG, format!("{}: {e}", path.display())),
             other => (EXIT_FAILURE, other.to_string()),
         })?;

@@ -9,8 +9,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::haproxy::stat::ServerState;
@@ -104,8 +103,7 @@ impl Metrics {
             g
         };
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            let c =
-                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
             r.register(Box::new(c.clone())).expect("unique metric name");
             c
         };
@@ -277,13 +275,9 @@ impl Metrics {
     /// Sets the one-hot state series of a master.
     pub fn set_state(&self, master: &str, state: Option<ServerState>) {
         for s in ServerState::ALL {
-            self.master_state
-                .with_label_values(&[master, s.as_str()])
-                .set(i64::from(Some(s) == state));
+            self.master_state.with_label_values(&[master, s.as_str()]).set(i64::from(Some(s) == state));
         }
-        self.master_up
-            .with_label_values(&[master])
-            .set(i64::from(state == Some(ServerState::Up)));
+        self.master_up.with_label_values(&[master]).set(i64::from(state == Some(ServerState::Up)));
     }
 
     /// Sets the current check status of a master, dropping the previous one.
@@ -292,9 +286,7 @@ impl Metrics {
             let _ = self.master_check_status.remove_label_values(&[master, p]);
         }
         if !current.is_empty() {
-            self.master_check_status
-                .with_label_values(&[master, current])
-                .set(1);
+            self.master_check_status.with_label_values(&[master, current]).set(1);
         }
     }
 
@@ -302,8 +294,7 @@ impl Metrics {
     /// from its first scrape.
     pub fn init_master(&self, master: &str) {
         for s in ServerState::ALL {
-            self.master_transitions_total
-                .with_label_values(&[master, s.as_str()]);
+            self.master_transitions_total.with_label_values(&[master, s.as_str()]);
         }
         for c in [
             &self.master_connection_errors_total,
@@ -337,9 +328,7 @@ impl Metrics {
             let _ = self.master_check_status.remove_label_values(&[master, s]);
         }
         for s in ServerState::ALL {
-            let _ = self
-                .master_transitions_total
-                .remove_label_values(&[master, s.as_str()]);
+            let _ = self.master_transitions_total.remove_label_values(&[master, s.as_str()]);
         }
         for c in [
             &self.master_connection_errors_total,
@@ -359,16 +348,9 @@ impl Metrics {
         for s in ServerState::ALL {
             let _ = self.master_state.remove_label_values(&[master, s.as_str()]);
         }
-        let _ = self
-            .master_check_duration_seconds
-            .remove_label_values(&[master]);
-        let _ = self
-            .master_last_transition_timestamp_seconds
-            .remove_label_values(&[master]);
-        self.last_raw
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|(m, _), _| m != master);
+        let _ = self.master_check_duration_seconds.remove_label_values(&[master]);
+        let _ = self.master_last_transition_timestamp_seconds.remove_label_values(&[master]);
+        self.last_raw.lock().unwrap_or_else(|e| e.into_inner()).retain(|(m, _), _| m != master);
     }
 }
 

@@ -97,8 +97,7 @@ impl ServerCertVerifier for Recorder {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(end_entity.clone().into_owned());
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(end_entity.clone().into_owned());
         match &self.inner {
             Some(v) => v.verify_server_cert(end_entity, intermediates, server_name, ocsp, now),
             None => Ok(ServerCertVerified::assertion()),
@@ -131,9 +130,7 @@ impl ServerCertVerifier for Recorder {
         )
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -147,12 +144,8 @@ pub fn cert_info(der: &[u8]) -> Option<CertInfo> {
                 x509_parser::extensions::GeneralName::DNSName(d) => names.push(format!("DNS:{d}")),
                 x509_parser::extensions::GeneralName::IPAddress(ip) => {
                     let ip = match ip.len() {
-                        4 => <[u8; 4]>::try_from(*ip)
-                            .ok()
-                            .map(|b| std::net::IpAddr::from(b).to_string()),
-                        16 => <[u8; 16]>::try_from(*ip)
-                            .ok()
-                            .map(|b| std::net::IpAddr::from(b).to_string()),
+                        4 => <[u8; 4]>::try_from(*ip).ok().map(|b| std::net::IpAddr::from(b).to_string()),
+                        16 => <[u8; 16]>::try_from(*ip).ok().map(|b| std::net::IpAddr::from(b).to_string()),
                         _ => None,
                     };
                     names.push(format!("IP:{}", ip.unwrap_or_else(|| "?".into())));
@@ -190,9 +183,7 @@ fn client_config(inputs: &Inputs) -> Result<(Arc<rustls::ClientConfig>, Arc<Reco
             let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
             for c in CertificateDer::pem_slice_iter(&pem) {
                 let c = c.map_err(|e| format!("{}: {e}", path.display()))?;
-                roots
-                    .add(c)
-                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                roots.add(c).map_err(|e| format!("{}: {e}", path.display()))?;
             }
             let v = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                 .build()
@@ -201,11 +192,7 @@ fn client_config(inputs: &Inputs) -> Result<(Arc<rustls::ClientConfig>, Arc<Reco
         }
         Verify::Insecure | Verify::BootstrapNoCa => None,
     };
-    let recorder = Arc::new(Recorder {
-        inner,
-        provider: provider.clone(),
-        seen: Mutex::new(None),
-    });
+    let recorder = Arc::new(Recorder { inner, provider: provider.clone(), seen: Mutex::new(None) });
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
@@ -218,9 +205,7 @@ fn client_config(inputs: &Inputs) -> Result<(Arc<rustls::ClientConfig>, Arc<Reco
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| e.to_string())?;
             let key = PrivateKeyDer::from_pem_slice(pem).map_err(|e| e.to_string())?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| e.to_string())?
+            builder.with_client_auth_cert(chain, key).map_err(|e| e.to_string())?
         }
         _ => builder.with_no_client_auth(),
     };
@@ -242,11 +227,7 @@ pub const ANONYMOUS_HEALTH_CONFIG: &str = "\
      k3s: kube-apiserver-arg: authentication-config=FILE)";
 
 /// Probes every master, or those named (by name or address).
-pub async fn probe_all(
-    config: &Config,
-    inputs: &Inputs,
-    only: &[String],
-) -> Result<Vec<Report>, String> {
+pub async fn probe_all(config: &Config, inputs: &Inputs, only: &[String]) -> Result<Vec<Report>, String> {
     let masters: Vec<&Master> = if only.is_empty() {
         config.masters.iter().collect()
     } else {
@@ -258,10 +239,7 @@ pub async fn probe_all(
                 .find(|m| &m.name == want || &m.address.to_string() == want)
                 .ok_or_else(|| {
                     let names: Vec<&str> = config.masters.iter().map(|m| m.name.as_str()).collect();
-                    format!(
-                        "no master named {want:?}; the config has: {}",
-                        names.join(", ")
-                    )
+                    format!("no master named {want:?}; the config has: {}", names.join(", "))
                 })?;
             picked.push(m);
         }
@@ -354,8 +332,7 @@ pub async fn probe(config: &Config, inputs: &Inputs, master: &Master) -> Report 
         Ok(c) => c,
         Err(e) => {
             r.tls = Step::Failed(e.clone());
-            r.diagnosis
-                .push(format!("Cannot set up TLS with the configured files: {e}"));
+            r.diagnosis.push(format!("Cannot set up TLS with the configured files: {e}"));
             return r;
         }
     };
@@ -366,20 +343,10 @@ pub async fn probe(config: &Config, inputs: &Inputs, master: &Master) -> Report 
     let tls_started = Instant::now();
     let handshake = tokio_rustls::TlsConnector::from(tls_config).connect(sni, tcp);
     let tls = tokio::time::timeout(check_limit, handshake).await;
-    r.cert = recorder
-        .seen
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .as_ref()
-        .and_then(|c| cert_info(c));
+    r.cert = recorder.seen.lock().unwrap_or_else(|e| e.into_inner()).as_ref().and_then(|c| cert_info(c));
     let tls = match tls {
         Ok(Ok(s)) => {
-            let version = s
-                .get_ref()
-                .1
-                .protocol_version()
-                .map(|v| format!("{v:?}"))
-                .unwrap_or_default();
+            let version = s.get_ref().1.protocol_version().map(|v| format!("{v:?}")).unwrap_or_default();
             let how = match &inputs.check.verify {
                 Verify::Ca { path, .. } => {
                     format!("verified against {} as {server_name:?}", path.display())
@@ -387,10 +354,7 @@ pub async fn probe(config: &Config, inputs: &Inputs, master: &Master) -> Report 
                 Verify::Insecure => "NOT verified (insecure_skip_verify)".to_owned(),
                 Verify::BootstrapNoCa => "NOT verified (bootstrap: no CA found yet)".to_owned(),
             };
-            r.tls = Step::Ok(format!(
-                "{how}, {version}, in {}",
-                ms(tls_started.elapsed())
-            ));
+            r.tls = Step::Ok(format!("{how}, {version}, in {}", ms(tls_started.elapsed())));
             if let Some(c) = &r.cert
                 && c.expires_in_s < 30 * 86400
                 && c.expires_in_s > 0
@@ -403,23 +367,10 @@ pub async fn probe(config: &Config, inputs: &Inputs, master: &Master) -> Report 
             s
         }
         Ok(Err(e)) => {
-            let rustls_err = e
-                .get_ref()
-                .and_then(|i| i.downcast_ref::<rustls::Error>())
-                .cloned();
-            r.tls = Step::Failed(
-                rustls_err
-                    .as_ref()
-                    .map(ToString::to_string)
-                    .unwrap_or_else(|| e.to_string()),
-            );
-            r.diagnosis.push(diagnose_tls(
-                rustls_err.as_ref(),
-                &e,
-                config,
-                inputs,
-                r.cert.as_ref(),
-            ));
+            let rustls_err = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()).cloned();
+            r.tls =
+                Step::Failed(rustls_err.as_ref().map(ToString::to_string).unwrap_or_else(|| e.to_string()));
+            r.diagnosis.push(diagnose_tls(rustls_err.as_ref(), &e, config, inputs, r.cert.as_ref()));
             return r;
         }
         Err(_) => {
@@ -439,9 +390,8 @@ pub async fn probe(config: &Config, inputs: &Inputs, master: &Master) -> Report 
     };
     let http_started = Instant::now();
     let request = async {
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .map_err(|e| e.to_string())?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
         tokio::spawn(conn);
         let get = |path: &str| {
             let mut req = Request::get(path).header("host", server_name.as_str());
@@ -450,10 +400,7 @@ pub async fn probe(config: &Config, inputs: &Inputs, master: &Master) -> Report 
             }
             req.body(Full::new(Bytes::new())).map_err(|e| e.to_string())
         };
-        let resp = sender
-            .send_request(get(&h.path.0)?)
-            .await
-            .map_err(|e| e.to_string())?;
+        let resp = sender.send_request(get(&h.path.0)?).await.map_err(|e| e.to_string())?;
         let status = resp.status().as_u16();
         let _ = resp.into_body().collect().await;
         let verbose = if expected_statuses(config, inputs).contains(&status) {
@@ -465,16 +412,8 @@ pub async fn probe(config: &Config, inputs: &Inputs, master: &Master) -> Report 
                 format!("{}?verbose", h.path.0)
             };
             sender.ready().await.map_err(|e| e.to_string())?;
-            let resp = sender
-                .send_request(get(&path)?)
-                .await
-                .map_err(|e| e.to_string())?;
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| e.to_string())?
-                .to_bytes();
+            let resp = sender.send_request(get(&path)?).await.map_err(|e| e.to_string())?;
+            let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
             let mut text = String::from_utf8_lossy(&body).into_owned();
             text.truncate(2000);
             Some(text)
@@ -485,11 +424,7 @@ pub async fn probe(config: &Config, inputs: &Inputs, master: &Master) -> Report 
         Ok(Ok((status, verbose))) => {
             r.status = Some(status);
             r.verbose = verbose;
-            let line = format!(
-                "GET {} → {status} in {}",
-                h.path,
-                ms(http_started.elapsed())
-            );
+            let line = format!("GET {} → {status} in {}", h.path, ms(http_started.elapsed()));
             if expected_statuses(config, inputs).contains(&status) {
                 r.http = Step::Ok(line);
                 r.ok = true;
@@ -506,9 +441,7 @@ pub async fn probe(config: &Config, inputs: &Inputs, master: &Master) -> Report 
         }
         Ok(Err(e)) => {
             r.http = Step::Failed(e.clone());
-            r.diagnosis.push(format!(
-                "The HTTP exchange failed: {e}. HAProxy reports this as L7RSP."
-            ));
+            r.diagnosis.push(format!("The HTTP exchange failed: {e}. HAProxy reports this as L7RSP."));
         }
         Err(_) => {
             r.http = Step::Failed(format!("no HTTP answer within {}", ms(check_limit)));
@@ -556,7 +489,8 @@ fn diagnose_tls(
                 cert.map(|c| c.not_after.as_str()).unwrap_or("date unknown")
             ),
             CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
-                "The server's certificate is not valid yet: one of the clocks is wrong (timedatectl).".to_owned()
+                "The server's certificate is not valid yet: one of the clocks is wrong (timedatectl)."
+                    .to_owned()
             }
             other => format!("The server's certificate was refused: {other:?}."),
         },
@@ -585,9 +519,11 @@ fn diagnose_status(status: u16, inputs: &Inputs) -> String {
             "401 Unauthorized: the API server rejected the {sent} credential. A client certificate must be signed by \
              the cluster's client CA and not expired; a token must be valid and not expired."
         ),
-        403 => "403 Forbidden: the credential is valid but may not read /readyz. Every authenticated user may \
+        403 => {
+            "403 Forbidden: the credential is valid but may not read /readyz. Every authenticated user may \
                 (system:public-info-viewer), unless that ClusterRole or its binding was changed."
-            .to_owned(),
+                .to_owned()
+        }
         404 => "404: health.path does not exist here; is this a Kubernetes API server?".to_owned(),
         500..=599 => format!(
             "{status}: the API server answers but is not ready: it is starting, shutting down gracefully, or lost \
@@ -623,11 +559,7 @@ pub fn render(r: &Report) -> String {
         let _ = writeln!(
             out,
             "          names    {}",
-            if c.names.is_empty() {
-                "(none)".into()
-            } else {
-                c.names.join(", ")
-            }
+            if c.names.is_empty() { "(none)".into() } else { c.names.join(", ") }
         );
         let days = c.expires_in_s / 86400;
         let when = if c.expires_in_s < 0 {

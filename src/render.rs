@@ -37,10 +37,7 @@ pub struct Paths {
 impl Paths {
     /// The directories named in the config.
     pub fn from_config(config: &Config) -> Self {
-        Paths {
-            runtime_dir: config.haproxy.runtime_dir.clone(),
-            state_dir: config.haproxy.state_dir.clone(),
-        }
+        Paths { runtime_dir: config.haproxy.runtime_dir.clone(), state_dir: config.haproxy.state_dir.clone() }
     }
     /// The haproxy.cfg HAProxy runs.
     pub fn config_file(&self) -> PathBuf {
@@ -69,8 +66,7 @@ impl Paths {
     }
     /// Where a client-certificate bundle with this digest is written.
     pub fn client_bundle(&self, digest: &str) -> PathBuf {
-        self.runtime_dir
-            .join(format!("check-client-{}.pem", &digest[..16]))
+        self.runtime_dir.join(format!("check-client-{}.pem", &digest[..16]))
     }
 }
 
@@ -265,11 +261,8 @@ pub fn render(config: &Config, inputs: &Inputs, paths: &Paths) -> Rendered {
     let mut secrets = Vec::new();
     let mut aux_files = Vec::new();
 
-    let mut notes = vec![format!(
-        "check credential: {} ({})",
-        inputs.check.mode_in_use(),
-        inputs.check.source
-    )];
+    let mut notes =
+        vec![format!("check credential: {} ({})", inputs.check.mode_in_use(), inputs.check.source)];
     match &inputs.check.verify {
         Verify::Ca { path, digest } => {
             notes.push(format!("check CA: {} sha256:{digest}", path.display()));
@@ -281,10 +274,7 @@ pub fn render(config: &Config, inputs: &Inputs, paths: &Paths) -> Rendered {
     }
 
     let sni = config.health.tls.server_name();
-    let mut check_send = format!(
-        "meth GET uri {} ver HTTP/1.1 hdr Host {sni}",
-        config.health.path
-    );
+    let mut check_send = format!("meth GET uri {} ver HTTP/1.1 hdr Host {sni}", config.health.path);
     match &inputs.check.credential {
         Credential::Bearer { token, .. } => {
             let value = quote_log_format(&format!("Bearer {}", token.expose()));
@@ -293,10 +283,7 @@ pub fn render(config: &Config, inputs: &Inputs, paths: &Paths) -> Rendered {
             secrets.push(token.expose().replace('%', "%%"));
         }
         Credential::ClientCert { bundle, digest, .. } => {
-            aux_files.push(AuxFile {
-                path: paths.client_bundle(digest),
-                contents: bundle.clone(),
-            });
+            aux_files.push(AuxFile { path: paths.client_bundle(digest), contents: bundle.clone() });
             notes.push(format!("check client certificate bundle sha256:{digest}"));
         }
         Credential::Anonymous => {}
@@ -333,16 +320,12 @@ pub fn render(config: &Config, inputs: &Inputs, paths: &Paths) -> Rendered {
 
     let stats = config.stats.as_ref().map(|s| StatsSection {
         listen: s.listen.to_string(),
-        user: s
-            .auth
-            .as_ref()
-            .zip(inputs.stats_password.as_ref())
-            .map(|(a, pw)| {
-                let quoted = quote(pw.expose());
-                secrets.push(pw.expose().to_owned());
-                secrets.push(quoted.clone());
-                (a.user.clone(), quoted)
-            }),
+        user: s.auth.as_ref().zip(inputs.stats_password.as_ref()).map(|(a, pw)| {
+            let quoted = quote(pw.expose());
+            secrets.push(pw.expose().to_owned());
+            secrets.push(quoted.clone());
+            (a.user.clone(), quoted)
+        }),
     });
 
     let t = &config.timeouts;
@@ -370,35 +353,22 @@ pub fn render(config: &Config, inputs: &Inputs, paths: &Paths) -> Rendered {
         stats,
     };
     // The template only interpolates strings; it cannot fail at run time.
-    let mut text = cfg
-        .render()
-        .unwrap_or_else(|e| format!("# template error: {e}\n"));
+    let mut text = cfg.render().unwrap_or_else(|e| format!("# template error: {e}\n"));
     // HAProxy refuses a file whose last line has no newline; askama trims it.
     if !text.ends_with('\n') {
         text.push('\n');
     }
-    let hash = Sha256::digest(text.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let hash = Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
     // Longest first, so a secret containing another is redacted whole.
     secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
     secrets.dedup();
-    Rendered {
-        text,
-        hash,
-        aux_files,
-        redactor: Redactor { secrets },
-    }
+    Rendered { text, hash, aux_files, redactor: Redactor { secrets } }
 }
 
 /// Renders for validation only: same config, but every file HAProxy would
 /// read or bind lives under `scratch` instead of the real directories.
 pub fn scratch_paths(scratch: &Path) -> Paths {
-    Paths {
-        runtime_dir: scratch.join("run"),
-        state_dir: scratch.join("state"),
-    }
+    Paths { runtime_dir: scratch.join("run"), state_dir: scratch.join("state") }
 }
 
 /// Check interval while a master is changing state (after one failed or

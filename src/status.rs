@@ -127,10 +127,7 @@ impl Status {
             return Err("HAProxy is not running".into());
         }
         if !self.haproxy.frontend_open {
-            return Err(format!(
-                "the frontend on {} is not accepting connections",
-                self.listen
-            ));
+            return Err(format!("the frontend on {} is not accepting connections", self.listen));
         }
         if self.healthy() == 0 {
             return Err(format!(

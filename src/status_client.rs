@@ -51,28 +51,18 @@ pub fn target(listen: SocketAddr) -> SocketAddr {
 pub async fn fetch(addr: SocketAddr) -> Result<Status, StatusError> {
     let bad = |message: String| StatusError::BadAnswer { addr, message };
     let exchange = async {
-        let tcp = TcpStream::connect(addr)
-            .await
-            .map_err(|source| StatusError::NotRunning { addr, source })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| bad(e.to_string()))?;
+        let tcp =
+            TcpStream::connect(addr).await.map_err(|source| StatusError::NotRunning { addr, source })?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.map_err(|e| bad(e.to_string()))?;
         tokio::spawn(conn);
         let req = Request::get("/status")
             .header("host", addr.to_string())
             .body(Empty::<Bytes>::new())
             .map_err(|e| bad(e.to_string()))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| bad(e.to_string()))?;
+        let resp = sender.send_request(req).await.map_err(|e| bad(e.to_string()))?;
         let code = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| bad(e.to_string()))?
-            .to_bytes();
+        let body = resp.into_body().collect().await.map_err(|e| bad(e.to_string()))?.to_bytes();
         if !code.is_success() {
             return Err(bad(format!("HTTP {code}")));
         }
@@ -107,27 +97,13 @@ fn duration(s: u64) -> String {
 pub fn render_table(s: &Status) -> String {
     use std::fmt::Write;
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "apilb {} — local endpoint {} — {}",
-        s.version,
-        s.listen,
-        s.summary()
-    );
+    let _ = writeln!(out, "apilb {} — local endpoint {} — {}", s.version, s.listen, s.summary());
     let ready = match s.readiness() {
         Ok(()) => "ready".to_owned(),
         Err(why) => format!("NOT READY: {why}"),
     };
     let _ = writeln!(out, "{ready}\n");
-    let header = [
-        "MASTER",
-        "ADDRESS",
-        "SOURCE",
-        "STATE",
-        "SINCE",
-        "LAST CHECK",
-        "SESSIONS",
-    ];
+    let header = ["MASTER", "ADDRESS", "SOURCE", "STATE", "SINCE", "LAST CHECK", "SESSIONS"];
     let rows: Vec<[String; 7]> = s
         .masters
         .iter()
@@ -178,16 +154,9 @@ pub fn render_table(s: &Status) -> String {
         let _ = writeln!(out, "{}", line(r.iter().map(String::as_str).collect()));
     }
     let h = &s.haproxy;
-    let pid = h
-        .master_pid
-        .map(|p| p.to_string())
-        .unwrap_or_else(|| "-".into());
+    let pid = h.master_pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
     let join = |v: &[u32]| {
-        if v.is_empty() {
-            "-".to_owned()
-        } else {
-            v.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
-        }
+        if v.is_empty() { "-".to_owned() } else { v.iter().map(u32::to_string).collect::<Vec<_>>().join(",") }
     };
     let _ = writeln!(
         out,
@@ -205,11 +174,7 @@ pub fn render_table(s: &Status) -> String {
         "Check: {} credential ({}), certificates {}",
         s.check.auth,
         s.check.source,
-        if s.check.verified {
-            "verified"
-        } else {
-            "NOT verified"
-        }
+        if s.check.verified { "verified" } else { "NOT verified" }
     );
     let _ = writeln!(
         out,
@@ -224,10 +189,7 @@ pub fn render_table(s: &Status) -> String {
             "Last reload: {} {}{}",
             r.result,
             ago(Some(r.at)),
-            r.message
-                .as_ref()
-                .map(|m| format!(": {m}"))
-                .unwrap_or_default()
+            r.message.as_ref().map(|m| format!(": {m}")).unwrap_or_default()
         );
     }
     if let Some(e) = &c.pending_error {

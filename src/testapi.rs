@@ -30,8 +30,8 @@ use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+    IsCa, KeyPair, KeyUsagePurpose,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -120,10 +120,7 @@ impl Pki {
             dn.push(DnType::OrganizationName, *o);
         }
         params.distinguished_name = dn;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         params.extended_key_usages = vec![usage];
         if expired {
             params.not_before = rcgen::date_time_ymd(2000, 1, 1);
@@ -136,19 +133,14 @@ impl Pki {
         }
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.ca)?;
-        Ok(CertPair {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        })
+        Ok(CertPair { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
 }
 
 /// Today's UTC date (year, month, day), from the Unix clock.
 fn civil_today() -> (i32, u8, u8) {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let secs =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     // Howard Hinnant's days-to-civil algorithm.
     let z = (secs / 86_400) as i64 + 719_468;
     let era = z.div_euclid(146_097);
@@ -217,8 +209,7 @@ impl Freeze {
     fn set(&self, frozen: bool) {
         self.frozen.store(frozen, Ordering::SeqCst);
         if !frozen {
-            let wakers =
-                std::mem::take(&mut *self.wakers.lock().unwrap_or_else(|e| e.into_inner()));
+            let wakers = std::mem::take(&mut *self.wakers.lock().unwrap_or_else(|e| e.into_inner()));
             wakers.into_iter().for_each(Waker::wake);
         }
     }
@@ -227,16 +218,9 @@ impl Freeze {
         if !self.frozen.load(Ordering::SeqCst) {
             return Poll::Ready(());
         }
-        self.wakers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(cx.waker().clone());
+        self.wakers.lock().unwrap_or_else(|e| e.into_inner()).push(cx.waker().clone());
         // Re-check: `set(false)` may have run between the load and the push.
-        if self.frozen.load(Ordering::SeqCst) {
-            Poll::Pending
-        } else {
-            Poll::Ready(())
-        }
+        if self.frozen.load(Ordering::SeqCst) { Poll::Pending } else { Poll::Ready(()) }
     }
     async fn thawed(&self) {
         std::future::poll_fn(|cx| self.poll_thawed(cx)).await
@@ -283,11 +267,7 @@ impl Sockets {
 }
 
 impl AsyncRead for Gated {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if this.freeze.poll_thawed(cx).is_pending() {
             return Poll::Pending;
@@ -297,11 +277,7 @@ impl AsyncRead for Gated {
 }
 
 impl AsyncWrite for Gated {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         if this.freeze.poll_thawed(cx).is_pending() {
             return Poll::Pending;
@@ -349,11 +325,7 @@ impl ApiServer {
         let listener = TcpListener::bind(opts.bind).await?;
         let addr = listener.local_addr()?;
         let task = spawn_serve(listener, shared.clone());
-        Ok(ApiServer {
-            shared,
-            addr,
-            task: Mutex::new(Some(task)),
-        })
+        Ok(ApiServer { shared, addr, task: Mutex::new(Some(task)) })
     }
 
     /// Where it listens.
@@ -388,10 +360,7 @@ impl ApiServer {
 
     /// True while crashed.
     pub fn is_crashed(&self) -> bool {
-        self.task
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_none()
+        self.task.lock().unwrap_or_else(|e| e.into_inner()).is_none()
     }
 
     /// Comes back on the same address after [`ApiServer::crash`].
@@ -435,14 +404,10 @@ impl Drop for ApiServer {
     }
 }
 
-fn server_tls(
-    cert: &CertPair,
-    client_ca: Option<&str>,
-) -> Result<rustls::ServerConfig, TestApiError> {
-    let chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
-            .collect::<Result<_, _>>()
-            .map_err(|e| TestApiError::Setup(format!("server certificate: {e}")))?;
+fn server_tls(cert: &CertPair, client_ca: Option<&str>) -> Result<rustls::ServerConfig, TestApiError> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| TestApiError::Setup(format!("server certificate: {e}")))?;
     let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes())
         .map_err(|e| TestApiError::Setup(format!("server key: {e}")))?;
     let builder = rustls::ServerConfig::builder();
@@ -459,9 +424,7 @@ fn server_tls(
                 .allow_unauthenticated()
                 .build()
                 .map_err(|e| TestApiError::Setup(format!("client verifier: {e}")))?;
-            builder
-                .with_client_cert_verifier(verifier)
-                .with_single_cert(chain, key)?
+            builder.with_client_cert_verifier(verifier).with_single_cert(chain, key)?
         }
         None => builder.with_no_client_auth().with_single_cert(chain, key)?,
     };
@@ -504,27 +467,18 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         conns.spawn(async move {
             shared.stats.open.fetch_add(1, Ordering::SeqCst);
             let _open = scopeguard(&shared);
-            let gated = Gated {
-                inner: tcp,
-                freeze: shared.freeze.clone(),
-                sockets: shared.sockets.clone(),
-            };
+            let gated = Gated { inner: tcp, freeze: shared.freeze.clone(), sockets: shared.sockets.clone() };
             let Ok(tls) = acceptor.accept(gated).await else {
                 return;
             };
-            let by_cert = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .is_some_and(|c| !c.is_empty());
+            let by_cert = tls.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
             let svc_shared = shared.clone();
             let service = hyper::service::service_fn(move |req| {
                 let shared = svc_shared.clone();
                 async move { Ok::<_, std::convert::Infallible>(handle(&shared, by_cert, req)) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tls), service)
-                .await;
+            let _ =
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), service).await;
         });
     }
 }
@@ -547,11 +501,7 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     r
 }
 
-fn handle(
-    shared: &Shared,
-    by_cert: bool,
-    req: Request<hyper::body::Incoming>,
-) -> Response<Full<Bytes>> {
+fn handle(shared: &Shared, by_cert: bool, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
     let token = req
         .headers()
         .get(hyper::header::AUTHORIZATION)
@@ -569,10 +519,7 @@ fn handle(
             r#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"Unauthorized","reason":"Unauthorized","code":401}"#,
         );
     }
-    let verbose = req
-        .uri()
-        .query()
-        .is_some_and(|q| q.split('&').any(|p| p == "verbose"));
+    let verbose = req.uri().query().is_some_and(|q| q.split('&').any(|p| p == "verbose"));
     match req.uri().path() {
         "/readyz" => {
             shared.stats.readyz.fetch_add(1, Ordering::SeqCst);
@@ -637,9 +584,7 @@ impl Session {
         tls: Arc<rustls::ClientConfig>,
         token: Option<&str>,
     ) -> Result<Session, String> {
-        let tcp = TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
+        let tcp = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
         let _ = tcp.set_nodelay(true);
         let name = ServerName::try_from("kubernetes").map_err(|e| e.to_string())?;
         let tls = tokio_rustls::TlsConnector::from(tls)
@@ -654,38 +599,20 @@ impl Session {
             let _ = conn.await;
             let _ = tx.send(true);
         });
-        Ok(Session {
-            sender,
-            token: token.map(str::to_owned),
-            closed,
-        })
+        Ok(Session { sender, token: token.map(str::to_owned), closed })
     }
 
     /// `GET path`; returns the status and body.
     pub async fn get(&mut self, path: &str) -> Result<(u16, String), String> {
-        self.sender
-            .ready()
-            .await
-            .map_err(|e| format!("connection: {e}"))?;
+        self.sender.ready().await.map_err(|e| format!("connection: {e}"))?;
         let mut req = Request::get(path).header("host", "kubernetes");
         if let Some(t) = &self.token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
-        let req = req
-            .body(Full::new(Bytes::new()))
-            .map_err(|e| e.to_string())?;
-        let resp = self
-            .sender
-            .send_request(req)
-            .await
-            .map_err(|e| format!("request: {e}"))?;
+        let req = req.body(Full::new(Bytes::new())).map_err(|e| e.to_string())?;
+        let resp = self.sender.send_request(req).await.map_err(|e| format!("request: {e}"))?;
         let status = resp.status().as_u16();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| format!("body: {e}"))?
-            .to_bytes();
+        let body = resp.into_body().collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
         Ok((status, String::from_utf8_lossy(&body).into_owned()))
     }
 
@@ -705,9 +632,7 @@ impl Session {
 
     /// Waits until the connection is closed, at most `limit`.
     pub async fn wait_closed(&mut self, limit: Duration) -> bool {
-        tokio::time::timeout(limit, self.closed.wait_for(|c| *c))
-            .await
-            .is_ok()
+        tokio::time::timeout(limit, self.closed.wait_for(|c| *c)).await.is_ok()
     }
 }
 
@@ -752,10 +677,7 @@ impl LoadReport {
     }
     /// Failures of attempts in flight at `t` (started before, ended after).
     pub fn cut_at(&self, t: Instant) -> Vec<&Failure> {
-        self.failures
-            .iter()
-            .filter(|f| f.started < t && f.ended >= t)
-            .collect()
+        self.failures.iter().filter(|f| f.started < t && f.ended >= t).collect()
     }
     /// Successful attempts that started at or after `t`, by server.
     pub fn ok_since(&self, t: Instant) -> HashMap<String, u64> {
@@ -793,8 +715,7 @@ impl Load {
                     while !*rx.borrow() {
                         let started = Instant::now();
                         let outcome = tokio::time::timeout(Duration::from_secs(30), async {
-                            let mut s =
-                                Session::connect(addr, tls.clone(), token.as_deref()).await?;
+                            let mut s = Session::connect(addr, tls.clone(), token.as_deref()).await?;
                             s.served_by().await
                         })
                         .await
@@ -810,9 +731,7 @@ impl Load {
                             Err(e) => {
                                 report.failed += 1;
                                 if report.errors.len() < 20 {
-                                    report
-                                        .errors
-                                        .push(format!("{e} (after {:?})", started.elapsed()));
+                                    report.errors.push(format!("{e} (after {:?})", started.elapsed()));
                                 }
                                 if report.failures.len() < 1000 {
                                     report.failures.push(Failure {

@@ -21,36 +21,27 @@ async fn starts_serves_and_stops() {
     let pid = env.haproxy_pid().expect("pidfile");
     assert!(alive(pid));
 
-    let mut s = Session::connect(
-        env.lab.listen,
-        env.lab.client_tls().unwrap(),
-        Some(&env.lab.token),
-    )
-    .await
-    .unwrap();
+    let mut s =
+        Session::connect(env.lab.listen, env.lab.client_tls().unwrap(), Some(&env.lab.token)).await.unwrap();
     let served = s.served_by().await.unwrap();
     assert!(served.starts_with("master-"), "{served}");
     // The checks authenticated with the node's client certificate.
-    assert!(env.lab.servers.iter().all(|srv| {
-        srv.stats()
-            .by_cert
-            .load(std::sync::atomic::Ordering::SeqCst)
-            > 0
-    }));
+    assert!(
+        env.lab
+            .servers
+            .iter()
+            .all(|srv| { srv.stats().by_cert.load(std::sync::atomic::Ordering::SeqCst) > 0 })
+    );
 
     assert_eq!(env.stop_agent().await, Exit::Stopped);
     assert!(!alive(pid), "HAProxy still runs after a graceful stop");
     assert!(!env.lab.path("run/haproxy.pid").exists());
-    assert!(
-        s.wait_closed(Duration::from_secs(5)).await,
-        "connections end with HAProxy"
-    );
+    assert!(s.wait_closed(Duration::from_secs(5)).await, "connections end with HAProxy");
 }
 
 /// The config with one harmless knob changed, so each reload is real.
 fn variant(env: &Env, i: usize) -> String {
-    env.lab
-        .config_yaml(&format!("timeouts:\n  connect: {}ms\n", 3100 + i))
+    env.lab.config_yaml(&format!("timeouts:\n  connect: {}ms\n", 3100 + i))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -66,13 +57,8 @@ async fn twenty_reloads_under_load_lose_no_connection() {
     );
     // Also a long-lived connection, like a watch: it must survive every
     // reload (the old worker keeps it until hard-stop-after).
-    let mut watch = Session::connect(
-        env.lab.listen,
-        env.lab.client_tls().unwrap(),
-        Some(&env.lab.token),
-    )
-    .await
-    .unwrap();
+    let mut watch =
+        Session::connect(env.lab.listen, env.lab.client_tls().unwrap(), Some(&env.lab.token)).await.unwrap();
     let mut previous = env.agent().status().borrow().config.hash.clone();
     for i in 0..20 {
         env.lab.write_config(&variant(&env, i)).unwrap();
@@ -81,10 +67,7 @@ async fn twenty_reloads_under_load_lose_no_connection() {
         let s = env
             .wait_status(Duration::from_secs(15), "reload applied", move |s| {
                 s.config.hash != before
-                    && s.config
-                        .last_reload
-                        .as_ref()
-                        .is_some_and(|r| r.result == "success")
+                    && s.config.last_reload.as_ref().is_some_and(|r| r.result == "success")
             })
             .await;
         previous = s.config.hash.clone();
@@ -92,25 +75,11 @@ async fn twenty_reloads_under_load_lose_no_connection() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let report = load.stop().await;
-    assert_eq!(
-        report.failed, 0,
-        "failed connections during reloads: {:?}",
-        report.errors
-    );
-    assert!(
-        report.ok > 100,
-        "too little traffic to mean anything: {}",
-        report.ok
-    );
-    assert!(
-        watch.served_by().await.is_ok(),
-        "the long-lived connection did not survive the reloads"
-    );
+    assert_eq!(report.failed, 0, "failed connections during reloads: {:?}", report.errors);
+    assert!(report.ok > 100, "too little traffic to mean anything: {}", report.ok);
+    assert!(watch.served_by().await.is_ok(), "the long-lived connection did not survive the reloads");
     let metrics = http_get(env.agent().metrics_addr(), "/metrics").await.1;
-    assert!(
-        metrics.contains("apilb_haproxy_reloads_total{result=\"success\"} 20"),
-        "{metrics}"
-    );
+    assert!(metrics.contains("apilb_haproxy_reloads_total{result=\"success\"} 20"), "{metrics}");
     // The watch pins one old worker at most per reload; hard-stop-after bounds them.
     let s = env.agent().status().borrow().clone();
     assert_eq!(s.haproxy.workers.len(), 1);
@@ -132,24 +101,12 @@ async fn an_invalid_config_is_refused_and_the_old_one_keeps_serving() {
 
     // 1. Broken YAML.
     let good_yaml = std::fs::read_to_string(env.lab.config_path()).unwrap();
-    env.lab
-        .write_config(&good_yaml.replace("masters:\n", "masters:\n  - 10.0.0.9\n"))
-        .unwrap();
+    env.lab.write_config(&good_yaml.replace("masters:\n", "masters:\n  - 10.0.0.9\n")).unwrap();
     env.agent().send(apilb::agent::Control::Reload).await;
-    let s = env
-        .wait_status(Duration::from_secs(10), "refusal", |s| {
-            s.config.pending_error.is_some()
-        })
-        .await;
+    let s = env.wait_status(Duration::from_secs(10), "refusal", |s| s.config.pending_error.is_some()).await;
     let err = s.config.pending_error.clone().unwrap();
-    assert!(
-        err.contains("masters[0]: \"10.0.0.9\" has no port"),
-        "{err}"
-    );
-    assert_eq!(
-        s.config.last_reload.as_ref().unwrap().result,
-        "invalid_config"
-    );
+    assert!(err.contains("masters[0]: \"10.0.0.9\" has no port"), "{err}");
+    assert_eq!(s.config.last_reload.as_ref().unwrap().result, "invalid_config");
     assert_eq!(s.config.hash, before.config.hash);
     assert!(served_by(&env).await.is_ok());
 
@@ -158,32 +115,18 @@ async fn an_invalid_config_is_refused_and_the_old_one_keeps_serving() {
     //    in HAProxy; the old worker keeps serving and the file on disk is
     //    put back.
     env.lab
-        .write_config(&good_yaml.replace(
-            &format!("listen: \"{}\"", env.lab.listen),
-            "listen: \"192.0.2.1:16443\"",
-        ))
+        .write_config(
+            &good_yaml.replace(&format!("listen: \"{}\"", env.lab.listen), "listen: \"192.0.2.1:16443\""),
+        )
         .unwrap();
     env.agent().send(apilb::agent::Control::Reload).await;
     let s = env
         .wait_status(Duration::from_secs(15), "HAProxy refusal", |s| {
-            s.config
-                .last_reload
-                .as_ref()
-                .is_some_and(|r| r.result == "refused")
+            s.config.last_reload.as_ref().is_some_and(|r| r.result == "refused")
         })
         .await;
-    let msg = s
-        .config
-        .last_reload
-        .as_ref()
-        .unwrap()
-        .message
-        .clone()
-        .unwrap();
-    assert!(
-        msg.contains("cannot bind socket"),
-        "HAProxy's own reason is reported: {msg}"
-    );
+    let msg = s.config.last_reload.as_ref().unwrap().message.clone().unwrap();
+    assert!(msg.contains("cannot bind socket"), "HAProxy's own reason is reported: {msg}");
     assert_eq!(s.config.hash, before.config.hash);
     assert_eq!(
         std::fs::read_to_string(env.lab.path("run/haproxy.cfg")).unwrap(),
@@ -191,32 +134,16 @@ async fn an_invalid_config_is_refused_and_the_old_one_keeps_serving() {
         "last good config restored on disk"
     );
     assert!(served_by(&env).await.is_ok());
-    let s = env
-        .wait_status(Duration::from_secs(5), "poll", |s| {
-            !s.haproxy.workers.is_empty()
-        })
-        .await;
-    assert_eq!(
-        s.haproxy.workers, worker,
-        "the worker serving before is still the one serving"
-    );
+    let s = env.wait_status(Duration::from_secs(5), "poll", |s| !s.haproxy.workers.is_empty()).await;
+    assert_eq!(s.haproxy.workers, worker, "the worker serving before is still the one serving");
 
     // 3. Back to the good config: accepted without a reload (same hash).
     env.lab.write_config(&good_yaml).unwrap();
     env.agent().send(apilb::agent::Control::Reload).await;
-    env.wait_status(Duration::from_secs(10), "error cleared", |s| {
-        s.config.pending_error.is_none()
-    })
-    .await;
+    env.wait_status(Duration::from_secs(10), "error cleared", |s| s.config.pending_error.is_none()).await;
     let metrics = http_get(env.agent().metrics_addr(), "/metrics").await.1;
-    assert!(
-        metrics.contains("apilb_haproxy_reloads_total{result=\"invalid_config\"} 1"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("apilb_haproxy_reloads_total{result=\"refused\"} 1"),
-        "{metrics}"
-    );
+    assert!(metrics.contains("apilb_haproxy_reloads_total{result=\"invalid_config\"} 1"), "{metrics}");
+    assert!(metrics.contains("apilb_haproxy_reloads_total{result=\"refused\"} 1"), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -226,15 +153,11 @@ async fn a_changed_config_file_is_applied_without_a_signal() {
     let before = env.wait_all_up().await;
     env.lab.write_config(&variant(&env, 7)).unwrap();
     let s = env
-        .wait_status(Duration::from_secs(10), "file change applied", |s| {
-            s.config.hash != before.config.hash
-        })
+        .wait_status(Duration::from_secs(10), "file change applied", |s| s.config.hash != before.config.hash)
         .await;
     assert_eq!(s.config.last_reload.unwrap().result, "success");
     assert!(
-        std::fs::read_to_string(env.lab.path("run/haproxy.cfg"))
-            .unwrap()
-            .contains("timeout connect 3107ms")
+        std::fs::read_to_string(env.lab.path("run/haproxy.cfg")).unwrap().contains("timeout connect 3107ms")
     );
 }
 
@@ -244,30 +167,17 @@ async fn a_killed_haproxy_master_is_back_within_two_seconds() {
     env.start_agent().await;
     env.wait_all_up().await;
     let pid = env.haproxy_pid().unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
     let took = eventually(Duration::from_secs(5), "frontend serving again", || async {
         served_by(&env).await.is_ok()
     })
     .await;
-    assert!(
-        took < Duration::from_secs(2),
-        "serving again after {took:?}"
-    );
-    let s = env
-        .wait_status(Duration::from_secs(5), "restart counted", |s| {
-            s.haproxy.restarts == 1
-        })
-        .await;
+    assert!(took < Duration::from_secs(2), "serving again after {took:?}");
+    let s = env.wait_status(Duration::from_secs(5), "restart counted", |s| s.haproxy.restarts == 1).await;
     assert_ne!(s.haproxy.master_pid, Some(pid));
     let metrics = http_get(env.agent().metrics_addr(), "/metrics").await.1;
-    assert!(
-        metrics.contains("apilb_haproxy_restarts_total 1"),
-        "{metrics}"
-    );
+    assert!(metrics.contains("apilb_haproxy_restarts_total 1"), "{metrics}");
     eprintln!("serving again {took:?} after kill -9 of the master");
 }
 
@@ -278,23 +188,14 @@ async fn a_killed_agent_leaves_traffic_alone_and_the_next_one_adopts() {
     first.wait_ready(&env.lab).await;
     let pid = env.haproxy_pid().unwrap();
     let tls = env.lab.client_tls().unwrap();
-    let mut held = Session::connect(env.lab.listen, tls.clone(), Some(&env.lab.token))
-        .await
-        .unwrap();
+    let mut held = Session::connect(env.lab.listen, tls.clone(), Some(&env.lab.token)).await.unwrap();
     let server = held.served_by().await.unwrap();
 
     first.signal(nix::sys::signal::Signal::SIGKILL);
     first.wait_exit(Duration::from_secs(5)).expect("apilb died");
     assert!(alive(pid), "HAProxy died with the agent");
-    assert_eq!(
-        held.served_by().await.unwrap(),
-        server,
-        "the established connection is untouched"
-    );
-    assert!(
-        served_by(&env).await.is_ok(),
-        "new connections are served without an agent"
-    );
+    assert_eq!(held.served_by().await.unwrap(), server, "the established connection is untouched");
+    assert!(served_by(&env).await.is_ok(), "new connections are served without an agent");
 
     let mut second = AgentProcess::spawn(&env.lab, "second", &[]);
     second.wait_ready(&env.lab).await;
@@ -303,28 +204,15 @@ async fn a_killed_agent_leaves_traffic_alone_and_the_next_one_adopts() {
         Some(pid),
         "the second agent adopted the master instead of starting another"
     );
-    assert!(
-        second.logs().contains("adopted the running HAProxy master"),
-        "{}",
-        second.logs()
-    );
-    assert_eq!(
-        held.served_by().await.unwrap(),
-        server,
-        "the established connection survived the adoption"
-    );
+    assert!(second.logs().contains("adopted the running HAProxy master"), "{}", second.logs());
+    assert_eq!(held.served_by().await.unwrap(), server, "the established connection survived the adoption");
     let status = apilb::status_client::fetch(env.lab.metrics).await.unwrap();
     assert!(status.haproxy.adopted);
     assert_eq!(status.haproxy.master_pid, Some(pid));
 
     // A handover (SIGUSR2) exits and leaves HAProxy for the next agent too.
     second.signal(nix::sys::signal::Signal::SIGUSR2);
-    assert!(
-        second
-            .wait_exit(Duration::from_secs(5))
-            .expect("exited")
-            .success()
-    );
+    assert!(second.wait_exit(Duration::from_secs(5)).expect("exited").success());
     assert!(alive(pid));
     assert_eq!(held.served_by().await.unwrap(), server);
 
@@ -332,14 +220,7 @@ async fn a_killed_agent_leaves_traffic_alone_and_the_next_one_adopts() {
     third.wait_ready(&env.lab).await;
     assert_eq!(env.haproxy_pid(), Some(pid));
     third.signal(nix::sys::signal::Signal::SIGTERM);
-    assert!(
-        third
-            .wait_exit(Duration::from_secs(10))
-            .expect("exited")
-            .success(),
-        "{}",
-        third.logs()
-    );
+    assert!(third.wait_exit(Duration::from_secs(10)).expect("exited").success(), "{}", third.logs());
     assert!(!alive(pid), "SIGTERM stops HAProxy");
 }
 
@@ -349,10 +230,7 @@ async fn metrics_expose_every_series() {
     env.start_agent().await;
     env.wait_all_up().await;
     env.lab.servers[1].crash();
-    env.wait_status(Duration::from_secs(10), "master-2 DOWN", |s| {
-        s.masters[1].state == "DOWN"
-    })
-    .await;
+    env.wait_status(Duration::from_secs(10), "master-2 DOWN", |s| s.masters[1].state == "DOWN").await;
     let m = http_get(env.agent().metrics_addr(), "/metrics").await.1;
     for needle in [
         "apilb_master_up{master=\"master-1\"} 1",
@@ -385,14 +263,8 @@ async fn metrics_expose_every_series() {
         assert!(m.contains(needle), "missing {needle:?} in:\n{m}");
     }
     // The old check status of master-2 is not left behind.
-    assert!(
-        !m.contains("apilb_master_check_status{master=\"master-2\",status=\"L7OK\"}"),
-        "{m}"
-    );
-    assert_eq!(
-        http_get(env.agent().metrics_addr(), "/healthz").await.0,
-        200
-    );
+    assert!(!m.contains("apilb_master_check_status{master=\"master-2\",status=\"L7OK\"}"), "{m}");
+    assert_eq!(http_get(env.agent().metrics_addr(), "/healthz").await.0, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -405,8 +277,7 @@ async fn readyz_turns_503_when_every_master_is_down() {
     for s in &env.lab.servers {
         s.set_readyz(503);
     }
-    env.wait_status(Duration::from_secs(10), "all DOWN", |s| s.healthy() == 0)
-        .await;
+    env.wait_status(Duration::from_secs(10), "all DOWN", |s| s.healthy() == 0).await;
     let (code, body) = http_get(addr, "/readyz").await;
     assert_eq!(code, 503);
     assert!(body.contains("no healthy master (0/3)"), "{body}");
@@ -432,16 +303,8 @@ async fn haproxy_stats_and_exporter_require_auth() {
     env.start_agent().await;
     env.wait_all_up().await;
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    assert_eq!(
-        http_get(addr, "/metrics").await.0,
-        401,
-        "/metrics without credentials"
-    );
-    assert_eq!(
-        http_get(addr, "/").await.0,
-        401,
-        "stats page without credentials"
-    );
+    assert_eq!(http_get(addr, "/metrics").await.0, 401, "/metrics without credentials");
+    assert_eq!(http_get(addr, "/").await.0, 401, "stats page without credentials");
     let basic = |user: &str, pw: &str| {
         use std::io::Write;
         let mut enc = Vec::new();
@@ -449,16 +312,11 @@ async fn haproxy_stats_and_exporter_require_auth() {
         // Minimal base64 for the test.
         const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
         for chunk in raw.as_bytes().chunks(3) {
-            let b = [
-                chunk[0],
-                *chunk.get(1).unwrap_or(&0),
-                *chunk.get(2).unwrap_or(&0),
-            ];
+            let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
             let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
             for i in 0..4 {
                 if i <= chunk.len() {
-                    enc.write_all(&[T[((n >> (18 - 6 * i)) & 63) as usize]])
-                        .unwrap();
+                    enc.write_all(&[T[((n >> (18 - 6 * i)) & 63) as usize]]).unwrap();
                 } else {
                     enc.write_all(b"=").unwrap();
                 }
@@ -469,21 +327,21 @@ async fn haproxy_stats_and_exporter_require_auth() {
     let get = |auth: String| async move {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(format!("GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {auth}\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+        s.write_all(
+            format!(
+                "GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {auth}\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
         let mut buf = String::new();
         s.read_to_string(&mut buf).await.unwrap();
         buf
     };
     let ok = get(basic("admin", password)).await;
-    assert!(
-        ok.starts_with("HTTP/1.1 200"),
-        "{}",
-        &ok[..ok.len().min(300)]
-    );
-    assert!(
-        ok.contains("haproxy_server_status"),
-        "HAProxy's exporter answers"
-    );
+    assert!(ok.starts_with("HTTP/1.1 200"), "{}", &ok[..ok.len().min(300)]);
+    assert!(ok.contains("haproxy_server_status"), "HAProxy's exporter answers");
     let bad = get(basic("admin", "wrong")).await;
     assert!(bad.starts_with("HTTP/1.1 401"));
     // The password never reaches apilb's own outputs.
@@ -508,28 +366,16 @@ async fn a_second_stop_request_forces_the_stop() {
     env.agent = Some(handle);
     env.wait_all_up().await;
     let pid = env.haproxy_pid().unwrap();
-    let mut held = Session::connect(
-        env.lab.listen,
-        env.lab.client_tls().unwrap(),
-        Some(&env.lab.token),
-    )
-    .await
-    .unwrap();
+    let mut held =
+        Session::connect(env.lab.listen, env.lab.client_tls().unwrap(), Some(&env.lab.token)).await.unwrap();
     held.served_by().await.unwrap();
     let h = env.agent.take().unwrap();
     h.send(apilb::agent::Control::Shutdown).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        alive(pid),
-        "the graceful stop waits for the held connection"
-    );
+    assert!(alive(pid), "the graceful stop waits for the held connection");
     let started = std::time::Instant::now();
     h.send(apilb::agent::Control::Shutdown).await;
     assert_eq!(h.wait().await, Exit::Forced);
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "forced stop took {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(5), "forced stop took {:?}", started.elapsed());
     assert!(!alive(pid));
 }

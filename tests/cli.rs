@@ -12,10 +12,7 @@ use support::*;
 
 fn apilb() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_apilb"));
-    c.env(
-        "PATH",
-        format!("{}:/usr/sbin", std::env::var("PATH").unwrap_or_default()),
-    );
+    c.env("PATH", format!("{}:/usr/sbin", std::env::var("PATH").unwrap_or_default()));
     c
 }
 
@@ -25,54 +22,26 @@ async fn status_prints_a_true_picture_and_json() {
     env.start_agent().await;
     env.wait_all_up().await;
     env.lab.servers[2].set_readyz(503);
-    env.wait_status(Duration::from_secs(10), "master-3 DOWN", |s| {
-        s.masters[2].state == "DOWN"
-    })
-    .await;
+    env.wait_status(Duration::from_secs(10), "master-3 DOWN", |s| s.masters[2].state == "DOWN").await;
 
     let config = env.lab.config_path();
     let out = tokio::task::spawn_blocking(move || {
-        apilb()
-            .arg("status")
-            .arg("--config")
-            .arg(&config)
-            .output()
-            .unwrap()
+        apilb().arg("status").arg("--config").arg(&config).output().unwrap()
     })
     .await
     .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("2/3 masters up"), "{text}");
-    assert!(
-        text.contains("MASTER") && text.contains("LAST CHECK") && text.contains("SESSIONS"),
-        "{text}"
-    );
-    let line3 = text
-        .lines()
-        .find(|l| l.starts_with("master-3"))
-        .expect("master-3 row");
-    assert!(
-        line3.contains("DOWN") && line3.contains("L7STS 503"),
-        "{line3}"
-    );
+    assert!(text.contains("MASTER") && text.contains("LAST CHECK") && text.contains("SESSIONS"), "{text}");
+    let line3 = text.lines().find(|l| l.starts_with("master-3")).expect("master-3 row");
+    assert!(line3.contains("DOWN") && line3.contains("L7STS 503"), "{line3}");
     assert!(text.contains("Check: client_cert credential"), "{text}");
-    assert!(
-        text.contains(&format!("master {}", env.haproxy_pid().unwrap())),
-        "{text}"
-    );
+    assert!(text.contains(&format!("master {}", env.haproxy_pid().unwrap())), "{text}");
 
     let config = env.lab.config_path();
     let out = tokio::task::spawn_blocking(move || {
-        apilb()
-            .args(["status", "--json", "--config"])
-            .arg(&config)
-            .output()
-            .unwrap()
+        apilb().args(["status", "--json", "--config"]).arg(&config).output().unwrap()
     })
     .await
     .unwrap();
@@ -87,23 +56,12 @@ fn status_without_an_agent_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let port = apilb::lab::free_port(None).unwrap();
     let cfg = dir.path().join("apilb.yaml");
-    std::fs::write(
-        &cfg,
-        format!("masters: [10.0.0.1:6443]\nmetrics: {{listen: \"127.0.0.1:{port}\"}}\n"),
-    )
-    .unwrap();
-    let out = apilb()
-        .arg("status")
-        .arg("--config")
-        .arg(&cfg)
-        .output()
+    std::fs::write(&cfg, format!("masters: [10.0.0.1:6443]\nmetrics: {{listen: \"127.0.0.1:{port}\"}}\n"))
         .unwrap();
+    let out = apilb().arg("status").arg("--config").arg(&cfg).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains(&format!("no apilb agent is answering on 127.0.0.1:{port}")),
-        "{err}"
-    );
+    assert!(err.contains(&format!("no apilb agent is answering on 127.0.0.1:{port}")), "{err}");
 }
 
 #[test]
@@ -114,22 +72,13 @@ fn config_errors_exit_2_with_one_line_naming_the_field() {
             "masters:\n  - 10.0.0.1:6443\n  - 10.0.0.2:6443\n  - 10.0.0.3\n",
             "masters[2]: \"10.0.0.3\" has no port",
         ),
-        (
-            "masters: [10.0.0.1:6443]\nbalance: fastest\n",
-            "balance: unknown variant `fastest`",
-        ),
-        (
-            "masters: [10.0.0.1:6443]\nhealth:\n  timeout: 5\n",
-            "health.timeout: 5 needs a unit",
-        ),
+        ("masters: [10.0.0.1:6443]\nbalance: fastest\n", "balance: unknown variant `fastest`"),
+        ("masters: [10.0.0.1:6443]\nhealth:\n  timeout: 5\n", "health.timeout: 5 needs a unit"),
         (
             "masters: [10.0.0.1:6443]\nhealth:\n  auth: {mode: none}\n  tls: {ca_file: /nonexistent/ca.crt}\n",
             "health.tls.ca_file: /nonexistent/ca.crt: no such file",
         ),
-        (
-            "masters: [10.0.0.1:6443, 10.0.0.1:6443]\n",
-            "masters[1]: 10.0.0.1:6443 is listed twice",
-        ),
+        ("masters: [10.0.0.1:6443, 10.0.0.1:6443]\n", "masters[1]: 10.0.0.1:6443 is listed twice"),
     ];
     for (yaml, want) in cases {
         let cfg = dir.path().join("apilb.yaml");
@@ -139,15 +88,8 @@ fn config_errors_exit_2_with_one_line_naming_the_field() {
             let err = String::from_utf8_lossy(&out.stderr);
             assert_eq!(out.status.code(), Some(2), "{cmd} on {yaml:?}: {err}");
             let last = err.lines().last().unwrap_or_default();
-            assert!(
-                last.contains(want),
-                "{cmd}: {err:?} does not contain {want:?}"
-            );
-            assert_eq!(
-                err.lines().filter(|l| l.starts_with("apilb: ")).count(),
-                1,
-                "{err}"
-            );
+            assert!(last.contains(want), "{cmd}: {err:?} does not contain {want:?}");
+            assert_eq!(err.lines().filter(|l| l.starts_with("apilb: ")).count(), 1, "{err}");
         }
     }
 }
@@ -165,38 +107,17 @@ fn render_redacts_secrets_unless_asked() {
         ),
     )
     .unwrap();
-    let out = apilb()
-        .arg("render")
-        .arg("--config")
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = apilb().arg("render").arg("--config").arg(&cfg).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
-    assert!(
-        !text.contains("s3cr3t-t0ken-value") && text.contains("'Bearer <redacted>'"),
-        "{text}"
-    );
-    let out = apilb()
-        .args(["render", "--show-secrets", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    assert!(!text.contains("s3cr3t-t0ken-value") && text.contains("'Bearer <redacted>'"), "{text}");
+    let out = apilb().args(["render", "--show-secrets", "--config"]).arg(&cfg).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("'Bearer s3cr3t-t0ken-value'"));
     let file = dir.path().join("out.cfg");
-    let out = apilb()
-        .args(["render", "--config"])
-        .arg(&cfg)
-        .arg("-o")
-        .arg(&file)
-        .output()
-        .unwrap();
+    let out = apilb().args(["render", "--config"]).arg(&cfg).arg("-o").arg(&file).output().unwrap();
     assert!(out.status.success());
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(
-        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
-        0o600
-    );
+    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -205,9 +126,7 @@ async fn json_logs_and_systemd_readiness() {
     let env = Env::new(LabOptions::default()).await;
     let notify_path = env.lab.path("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
-    notify
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
+    notify.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let notify_env = notify_path.display().to_string();
     let mut agent = AgentProcess::spawn_with(
         &env.lab,
@@ -223,15 +142,10 @@ async fn json_logs_and_systemd_readiness() {
             let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
             if msg.contains("READY=1") {
                 // READY=1 comes only once the frontend accepts connections.
-                assert!(
-                    std::net::TcpStream::connect(listen).is_ok(),
-                    "READY=1 before the frontend accepts"
-                );
+                assert!(std::net::TcpStream::connect(listen).is_ok(), "READY=1 before the frontend accepts");
             }
             got.push(msg);
-            if got.iter().any(|m| m.contains("READY=1"))
-                && got.iter().any(|m| m == "STATUS=3/3 masters up")
-            {
+            if got.iter().any(|m| m.contains("READY=1")) && got.iter().any(|m| m == "STATUS=3/3 masters up") {
                 break;
             }
         }
@@ -240,10 +154,7 @@ async fn json_logs_and_systemd_readiness() {
     .await
     .unwrap();
     assert!(messages.iter().any(|m| m == "READY=1"), "{messages:?}");
-    assert!(
-        messages.iter().any(|m| m == "STATUS=3/3 masters up"),
-        "{messages:?}"
-    );
+    assert!(messages.iter().any(|m| m == "STATUS=3/3 masters up"), "{messages:?}");
     // HAProxy does not inherit the notify socket.
     let pid = env.haproxy_pid().unwrap();
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
@@ -256,17 +167,10 @@ async fn json_logs_and_systemd_readiness() {
     let lines: Vec<&str> = logs.lines().filter(|l| !l.trim().is_empty()).collect();
     assert!(lines.len() > 3, "{logs}");
     for l in &lines {
-        let v: serde_json::Value =
-            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
-        assert!(
-            v.get("level").is_some() && v.get("message").is_some(),
-            "{l}"
-        );
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(v.get("level").is_some() && v.get("message").is_some(), "{l}");
     }
-    assert!(
-        logs.contains("\"target\":\"haproxy\""),
-        "HAProxy's output is in apilb's log"
-    );
+    assert!(logs.contains("\"target\":\"haproxy\""), "HAProxy's output is in apilb's log");
     assert!(!logs.contains('\u{1b}'), "no terminal colours in logs");
 }
 
@@ -312,9 +216,8 @@ async fn demo_runs_shows_failover_and_cleans_up_on_ctrl_c() {
     let mut wait_for = |needle: &str, limit: Duration| {
         let start = std::time::Instant::now();
         while !seen.contains(needle) {
-            let left = limit
-                .checked_sub(start.elapsed())
-                .unwrap_or_else(|| panic!("no {needle:?} in:\n{seen}"));
+            let left =
+                limit.checked_sub(start.elapsed()).unwrap_or_else(|| panic!("no {needle:?} in:\n{seen}"));
             match rx.recv_timeout(left) {
                 Ok(line) => {
                     seen.push_str(&line);
@@ -327,35 +230,22 @@ async fn demo_runs_shows_failover_and_cleans_up_on_ctrl_c() {
     };
     wait_for("3/3 masters up", Duration::from_secs(30));
     let out = wait_for("Check: client_cert", Duration::from_secs(5));
-    let dir = out
-        .split("config          ")
-        .nth(1)
-        .and_then(|r| r.split("/apilb.yaml").next())
-        .unwrap()
-        .to_owned();
-    let pid: i32 = out
-        .split("master ")
-        .filter_map(|r| r.split(',').next()?.trim().parse().ok())
-        .next()
-        .unwrap();
+    let dir =
+        out.split("config          ").nth(1).and_then(|r| r.split("/apilb.yaml").next()).unwrap().to_owned();
+    let pid: i32 =
+        out.split("master ").filter_map(|r| r.split(',').next()?.trim().parse().ok()).next().unwrap();
     guard.1 = Some(pid as u32);
     assert!(out.contains("local endpoint  https://127.0.0.1:"), "{out}");
     writeln!(stdin, "hang 1").unwrap();
     // A timeout at layer 6 (TLS handshake) or 7 (HTTP), depending on where
     // the check was when the master hung.
     let out = wait_for("master-1 is DOWN (was UP): L", Duration::from_secs(15));
-    let line = out
-        .lines()
-        .find(|l| l.contains("master-1 is DOWN (was UP)"))
-        .unwrap();
+    let line = out.lines().find(|l| l.contains("master-1 is DOWN (was UP)")).unwrap();
     assert!(line.contains("TOUT"), "{line}");
     writeln!(stdin, "resume 1").unwrap();
     wait_for("master-1 is UP (was DOWN)", Duration::from_secs(15));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT)
+        .unwrap();
     let status = child.wait().unwrap();
     assert!(status.success(), "demo exit: {status}");
     wait_for("removed", Duration::from_secs(5));
@@ -365,33 +255,19 @@ async fn demo_runs_shows_failover_and_cleans_up_on_ctrl_c() {
 
 #[test]
 fn the_unit_file_verifies() {
-    if Command::new("systemd-analyze")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
+    if Command::new("systemd-analyze").arg("--version").output().is_err() {
         eprintln!("systemd-analyze is not installed; skipping unit verification");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let unit = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/systemd/apilb.service"
-    ))
-    .unwrap();
+    let unit =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/apilb.service")).unwrap();
     let unit = unit.replace("/usr/bin/apilb", env!("CARGO_BIN_EXE_apilb"));
     let path = dir.path().join("apilb.service");
     std::fs::write(&path, unit).unwrap();
-    let out = Command::new("systemd-analyze")
-        .args(["verify", "--man=no"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = Command::new("systemd-analyze").args(["verify", "--man=no"]).arg(&path).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && !err.contains("apilb.service"),
-        "{err}"
-    );
+    assert!(out.status.success() && !err.contains("apilb.service"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -404,11 +280,7 @@ async fn reload_reports_the_outcome_like_systemctl_reload_should() {
             let out = apilb().args(&args).output().unwrap();
             (
                 out.status.code(),
-                format!(
-                    "{}{}",
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                ),
+                format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
             )
         })
     };
@@ -416,29 +288,20 @@ async fn reload_reports_the_outcome_like_systemctl_reload_should() {
     let reload = |cfg: &str| vec!["reload".to_string(), "--config".into(), cfg.to_owned()];
 
     // A real change: applied, and said so.
-    env.lab
-        .write_config(&env.lab.config_yaml("timeouts:\n  connect: 2500ms\n"))
-        .unwrap();
+    env.lab.write_config(&env.lab.config_yaml("timeouts:\n  connect: 2500ms\n")).unwrap();
     let (code, out) = run(reload(&config)).await.unwrap();
     assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("applied: HAProxy runs config sha256:"), "{out}");
     assert!(
-        out.contains("applied: HAProxy runs config sha256:"),
-        "{out}"
-    );
-    assert!(
-        std::fs::read_to_string(env.lab.path("run/haproxy.cfg"))
-            .unwrap()
-            .contains("timeout connect 2500ms")
+        std::fs::read_to_string(env.lab.path("run/haproxy.cfg")).unwrap().contains("timeout connect 2500ms")
     );
 
     // A change the agent refuses (the state directory only changes at a
     // restart): fails with the agent's reason, though `apilb check`
     // accepts the file.
     let d = env.lab.dir.path().display().to_string();
-    let yaml = env.lab.config_yaml("").replace(
-        &format!("state_dir: {d}/state"),
-        &format!("state_dir: {d}/state2"),
-    );
+    let yaml =
+        env.lab.config_yaml("").replace(&format!("state_dir: {d}/state"), &format!("state_dir: {d}/state2"));
     env.lab.write_config(&yaml).unwrap();
     let (code, out) = run(reload(&config)).await.unwrap();
     assert_eq!(code, Some(1), "{out}");

@@ -56,17 +56,11 @@ async fn wait_state(env: &Env, server: &str, want: &str, limit: Duration) -> Ins
     loop {
         if let Ok(text) = cli::command(&sock, "show stat", Duration::from_secs(2)).await
             && let Ok(stats) = stat::parse_show_stat(&text)
-            && stats
-                .servers
-                .iter()
-                .any(|s| s.name == server && s.state().as_str() == want)
+            && stats.servers.iter().any(|s| s.name == server && s.state().as_str() == want)
         {
             return Instant::now();
         }
-        assert!(
-            start.elapsed() < limit,
-            "{server} not {want} after {limit:?}"
-        );
+        assert!(start.elapsed() < limit, "{server} not {want} after {limit:?}");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
@@ -74,13 +68,9 @@ async fn wait_state(env: &Env, server: &str, want: &str, limit: Duration) -> Ins
 /// A connection through the load balancer that landed on `server`.
 async fn session_on(env: &Env, server: &str) -> Session {
     for _ in 0..50 {
-        let mut s = Session::connect(
-            env.lab.listen,
-            env.lab.client_tls().unwrap(),
-            Some(&env.lab.token),
-        )
-        .await
-        .unwrap();
+        let mut s = Session::connect(env.lab.listen, env.lab.client_tls().unwrap(), Some(&env.lab.token))
+            .await
+            .unwrap();
         if s.served_by().await.unwrap() == server {
             return s;
         }
@@ -89,12 +79,7 @@ async fn session_on(env: &Env, server: &str) -> Session {
 }
 
 fn load(env: &Env) -> Load {
-    Load::start(
-        env.lab.listen,
-        env.lab.client_tls().unwrap(),
-        Some(env.lab.token.clone()),
-        4,
-    )
+    Load::start(env.lab.listen, env.lab.client_tls().unwrap(), Some(env.lab.token.clone()), 4)
 }
 
 fn describe(r: &LoadReport) -> String {
@@ -113,18 +98,9 @@ async fn a_crashed_master_fails_no_new_connection() {
     let report = clients.stop().await;
 
     let after = report.failed_since(crashed.into_std());
-    assert!(
-        after.is_empty(),
-        "connections opened after the crash failed: {after:?} ({})",
-        describe(&report)
-    );
+    assert!(after.is_empty(), "connections opened after the crash failed: {after:?} ({})", describe(&report));
     // Only requests in flight on master-2 at the instant it died can fail.
-    assert_eq!(
-        report.cut_at(crashed.into_std()).len() as u64,
-        report.failed,
-        "{}",
-        describe(&report)
-    );
+    assert_eq!(report.cut_at(crashed.into_std()).len() as u64, report.failed, "{}", describe(&report));
     assert!(report.ok > 50, "{}", describe(&report));
     let took = down - crashed;
     assert!(took <= down_bound() + SLACK, "marked DOWN after {took:?}");
@@ -147,29 +123,19 @@ async fn a_hung_master_is_marked_down_within_the_bound_and_its_sessions_closed()
     let bound = hang_bound();
     let down = wait_state(&env, "master-2", "DOWN", bound + SLACK * 3).await;
     // on-marked-down shutdown-sessions: the client is told at once.
-    assert!(
-        held.wait_closed(Duration::from_secs(1)).await,
-        "the session on the hung master was not closed"
-    );
+    assert!(held.wait_closed(Duration::from_secs(1)).await, "the session on the hung master was not closed");
     let closed = Instant::now();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let report = clients.stop().await;
 
     let took = down - hung;
-    assert!(
-        took <= bound + SLACK,
-        "marked DOWN after {took:?}, bound {bound:?}"
-    );
+    assert!(took <= bound + SLACK, "marked DOWN after {took:?}, bound {bound:?}");
     // New connections after the mark-down all succeed; the ones that were
     // stuck on the hung master were closed at mark-down (and retried by real
     // clients), none earlier.
     let settled = (down + Duration::from_millis(100)).into_std();
     let after = report.failed_since(settled);
-    assert!(
-        after.is_empty(),
-        "failures after mark-down: {after:?} ({})",
-        describe(&report)
-    );
+    assert!(after.is_empty(), "failures after mark-down: {after:?} ({})", describe(&report));
     for f in &report.failures {
         assert!(
             f.ended.duration_since(hung.into_std()) >= Duration::ZERO
@@ -203,24 +169,13 @@ async fn a_master_failing_readyz_leaves_rotation_and_its_sessions_are_closed() {
     let report = clients.stop().await;
 
     let took = down - failing;
-    assert!(
-        took <= bound + SLACK,
-        "out of rotation after {took:?}, bound {bound:?}"
-    );
+    assert!(took <= bound + SLACK, "out of rotation after {took:?}, bound {bound:?}");
     // Only requests in flight on master-2 when it was marked down can be cut
     // (that is what closing its sessions means); none opened afterwards.
-    assert!(
-        report.failed_since(down.into_std()).is_empty(),
-        "{}",
-        describe(&report)
-    );
+    assert!(report.failed_since(down.into_std()).is_empty(), "{}", describe(&report));
     let settled = (down + Duration::from_millis(100)).into_std();
     let after = report.ok_since(settled);
-    assert_eq!(
-        after.get("master-2"),
-        None,
-        "new connections still reach master-2: {after:?}"
-    );
+    assert_eq!(after.get("master-2"), None, "new connections still reach master-2: {after:?}");
     eprintln!(
         "503: out of rotation after {took:?} (bound {bound:?}); {} cut in flight at mark-down; {} after, 0 failed",
         report.failed,
@@ -239,32 +194,18 @@ async fn when_every_check_fails_traffic_fails_open_and_readyz_says_degraded() {
     }
     let all_down = Instant::now();
     let clients = load(&env);
-    let mut held = Session::connect(
-        env.lab.listen,
-        env.lab.client_tls().unwrap(),
-        Some(&env.lab.token),
-    )
-    .await
-    .unwrap();
-    held.served_by()
-        .await
-        .expect("a new connection reaches a master through the fail-open path");
+    let mut held =
+        Session::connect(env.lab.listen, env.lab.client_tls().unwrap(), Some(&env.lab.token)).await.unwrap();
+    held.served_by().await.expect("a new connection reaches a master through the fail-open path");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let report = clients.stop().await;
     assert_eq!(report.failed, 0, "{}", describe(&report));
     assert!(report.ok > 50, "{}", describe(&report));
-    assert!(
-        report.by_server.len() >= 2,
-        "fail-open spreads over the masters: {:?}",
-        report.by_server
-    );
+    assert!(report.by_server.len() >= 2, "fail-open spreads over the masters: {:?}", report.by_server);
 
     let (code, body) = http_get(env.agent().metrics_addr(), "/readyz").await;
     assert_eq!(code, 503);
-    assert!(
-        body.contains("no healthy master (0/3); connections fail open"),
-        "{body}"
-    );
+    assert!(body.contains("no healthy master (0/3); connections fail open"), "{body}");
     let s = env
         .wait_status(Duration::from_secs(5), "fallback sessions visible", |s| {
             s.masters.iter().map(|m| m.fallback_sessions).sum::<u64>() >= 1
@@ -293,10 +234,7 @@ async fn a_recovered_master_returns_to_rotation_after_rise_checks() {
     let report = clients.stop().await;
     let took = up - restarted;
     let bound = up_bound();
-    assert!(
-        took <= bound + SLACK,
-        "back after {took:?}, bound {bound:?}"
-    );
+    assert!(took <= bound + SLACK, "back after {took:?}, bound {bound:?}");
     assert_eq!(report.failed, 0, "{}", describe(&report));
     let after = report.ok_since(up.into_std());
     assert!(

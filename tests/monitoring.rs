@@ -166,19 +166,12 @@ async fn every_metric_in_contrib_is_exported() {
         server.crash();
     }
     let metrics_addr = env.agent().metrics_addr();
-    eventually(
-        Duration::from_secs(20),
-        "connection errors counted",
-        || async {
-            for _ in 0..4 {
-                let _ = served_by(&env).await;
-            }
-            http_get(metrics_addr, "/metrics")
-                .await
-                .1
-                .contains("apilb_master_connection_errors_total{")
-        },
-    )
+    eventually(Duration::from_secs(20), "connection errors counted", || async {
+        for _ in 0..4 {
+            let _ = served_by(&env).await;
+        }
+        http_get(metrics_addr, "/metrics").await.1.contains("apilb_master_connection_errors_total{")
+    })
     .await;
     env.wait_status(Duration::from_secs(20), "every master DOWN", |s| {
         s.masters.iter().all(|m| m.state == "DOWN")

@@ -41,17 +41,11 @@ fn cases() -> Vec<Case> {
         .into_iter()
         .map(|path| {
             let name = path.file_stem().unwrap().to_string_lossy().into_owned();
-            let yaml = std::fs::read_to_string(&path)
-                .unwrap()
-                .replace(PLACEHOLDER, &fixtures());
+            let yaml = std::fs::read_to_string(&path).unwrap().replace(PLACEHOLDER, &fixtures());
             let config = Config::parse(&yaml, &name).unwrap_or_else(|e| panic!("{e}"));
             let inputs = Inputs::gather(&config).unwrap_or_else(|e| panic!("{name}: {e}"));
             let rendered = render::render(&config, &inputs, &Paths::from_config(&config));
-            Case {
-                name,
-                config,
-                rendered,
-            }
+            Case { name, config, rendered }
         })
         .collect()
 }
@@ -67,22 +61,13 @@ fn renders_match_golden_files() {
             std::fs::write(&golden, &got).unwrap();
             continue;
         }
-        let want = std::fs::read_to_string(&golden).unwrap_or_else(|e| {
-            panic!("{}: {e} (run with APILB_UPDATE_GOLDEN=1)", golden.display())
-        });
+        let want = std::fs::read_to_string(&golden)
+            .unwrap_or_else(|e| panic!("{}: {e} (run with APILB_UPDATE_GOLDEN=1)", golden.display()));
         if got != want {
-            mismatches.push(format!(
-                "--- {}\n{}",
-                case.name,
-                first_difference(&want, &got)
-            ));
+            mismatches.push(format!("--- {}\n{}", case.name, first_difference(&want, &got)));
         }
     }
-    assert!(
-        mismatches.is_empty(),
-        "rendered configs differ from goldens:\n{}",
-        mismatches.join("\n")
-    );
+    assert!(mismatches.is_empty(), "rendered configs differ from goldens:\n{}", mismatches.join("\n"));
 }
 
 fn first_difference(want: &str, got: &str) -> String {
@@ -91,11 +76,7 @@ fn first_difference(want: &str, got: &str) -> String {
             return format!("line {}:\n  golden:   {w}\n  rendered: {g}", i + 1);
         }
     }
-    format!(
-        "lengths differ: golden {} lines, rendered {}",
-        want.lines().count(),
-        got.lines().count()
-    )
+    format!("lengths differ: golden {} lines, rendered {}", want.lines().count(), got.lines().count())
 }
 
 #[test]
@@ -115,24 +96,14 @@ fn secrets_are_redacted_and_only_in_the_full_text() {
     let by_name = |n: &str| cases().into_iter().find(|c| c.name == n).unwrap();
 
     let bearer = by_name("bearer");
-    assert!(
-        bearer
-            .rendered
-            .text
-            .contains(&format!("hdr Authorization 'Bearer {token}'"))
-    );
+    assert!(bearer.rendered.text.contains(&format!("hdr Authorization 'Bearer {token}'")));
     assert!(!bearer.rendered.redacted().contains(token));
     assert!(bearer.rendered.redacted().contains("'Bearer <redacted>'"));
 
     let stats = by_name("stats-auth");
     assert!(stats.rendered.text.contains(&render::quote(password)));
     assert!(!stats.rendered.redacted().contains(password));
-    assert!(
-        stats
-            .rendered
-            .redacted()
-            .contains("insecure-password <redacted>")
-    );
+    assert!(stats.rendered.redacted().contains("insecure-password <redacted>"));
     // HAProxy messages quoting a secret are redacted too.
     let msg = format!("[ALERT] parsing: bad header 'Bearer {token}'");
     assert!(!bearer.rendered.redact(&msg).contains(token));
@@ -145,18 +116,8 @@ fn every_master_has_a_checked_line_and_a_fail_open_twin() {
         for m in &case.config.masters {
             let checked = format!("    server {} {} check check-ssl ", m.name, m.address);
             let twin = format!("    server {}:fallback {} backup", m.name, m.address);
-            assert!(
-                text.contains(&checked),
-                "{}: no checked line for {}",
-                case.name,
-                m.name
-            );
-            assert!(
-                text.contains(&twin),
-                "{}: no fallback for {}",
-                case.name,
-                m.name
-            );
+            assert!(text.contains(&checked), "{}: no checked line for {}", case.name, m.name);
+            assert!(text.contains(&twin), "{}: no fallback for {}", case.name, m.name);
         }
         for needle in [
             "option allbackups",
@@ -168,11 +129,7 @@ fn every_master_has_a_checked_line_and_a_fail_open_twin() {
         ] {
             assert!(text.contains(needle), "{}: missing {needle:?}", case.name);
         }
-        assert!(
-            !text.contains("verify none") || !text.contains("Authorization"),
-            "{}",
-            case.name
-        );
+        assert!(!text.contains("verify none") || !text.contains("Authorization"), "{}", case.name);
     }
 }
 
@@ -183,14 +140,8 @@ fn materialize(case: &Case, scratch: &Path) -> PathBuf {
     let run = scratch.join("run");
     let state = scratch.join("state");
     let relocate = |s: &str| {
-        s.replace(
-            &paths.runtime_dir.display().to_string(),
-            &run.display().to_string(),
-        )
-        .replace(
-            &paths.state_dir.display().to_string(),
-            &state.display().to_string(),
-        )
+        s.replace(&paths.runtime_dir.display().to_string(), &run.display().to_string())
+            .replace(&paths.state_dir.display().to_string(), &state.display().to_string())
     };
     std::fs::create_dir_all(&run).unwrap();
     std::fs::create_dir_all(&state).unwrap();
@@ -207,9 +158,7 @@ fn materialize(case: &Case, scratch: &Path) -> PathBuf {
 async fn haproxy_accepts_every_golden_output() {
     let binary = Binary::new("haproxy");
     let version = binary.version().await.unwrap_or_else(|e| {
-        panic!(
-            "the real HAProxy is required for this test ({e}); run scripts/test, which installs it"
-        )
+        panic!("the real HAProxy is required for this test ({e}); run scripts/test, which installs it")
     });
     eprintln!("validating goldens with HAProxy {}", version.full);
     for case in cases() {
@@ -223,8 +172,7 @@ async fn haproxy_accepts_every_golden_output() {
         // deliberately unresolvable name of the dns case.
         for w in warnings {
             assert!(
-                w.contains("server state file")
-                    || (case.name == "dns" && w.contains("could not resolve")),
+                w.contains("server state file") || (case.name == "dns" && w.contains("could not resolve")),
                 "{}: unexpected warning {w}",
                 case.name
             );
@@ -238,19 +186,12 @@ async fn haproxy_refusal_is_reported_with_its_reason_and_redacted() {
     let scratch = tempfile::tempdir().unwrap();
     let file = materialize(&case, scratch.path());
     // Break the config in a way that makes HAProxy quote the secret line.
-    let text = std::fs::read_to_string(&file)
-        .unwrap()
-        .replace("http-check send meth", "http-check send bogus meth");
+    let text =
+        std::fs::read_to_string(&file).unwrap().replace("http-check send meth", "http-check send bogus meth");
     std::fs::write(&file, text).unwrap();
-    let err = Binary::new("haproxy")
-        .check(&file, |l| case.rendered.redact(l))
-        .await
-        .unwrap_err();
+    let err = Binary::new("haproxy").check(&file, |l| case.rendered.redact(l)).await.unwrap_err();
     let msg = err.to_string();
-    assert!(
-        msg.starts_with("HAProxy refused the configuration:"),
-        "{msg}"
-    );
+    assert!(msg.starts_with("HAProxy refused the configuration:"), "{msg}");
     assert!(msg.contains("[ALERT]"), "{msg}");
     assert!(msg.contains("http-check send"), "{msg}");
     assert!(!msg.contains("fixture-token-not-a-secret"), "{msg}");

@@ -8,10 +8,7 @@ fn parse(yaml: &str) -> Config {
 #[track_caller]
 fn err_has(yaml: &str, needle: &str) {
     let e = err(yaml);
-    assert!(
-        e.contains(needle),
-        "error {e:?}\n does not contain {needle:?}"
-    );
+    assert!(e.contains(needle), "error {e:?}\n does not contain {needle:?}");
 }
 
 fn err(yaml: &str) -> String {
@@ -62,10 +59,7 @@ fn masters_accept_strings_maps_ipv6_and_dns_names() {
          - {address: \"[::1]:6443\"}\n",
     );
     let names: Vec<_> = c.masters.iter().map(|m| m.name.as_str()).collect();
-    assert_eq!(
-        names,
-        ["10.0.0.1", "fd00--2", "master-3.example.com", "m4", "--1"]
-    );
+    assert_eq!(names, ["10.0.0.1", "fd00--2", "master-3.example.com", "m4", "--1"]);
     assert_eq!(c.masters[1].address.to_string(), "[fd00::2]:6443");
     assert!(c.masters[2].address.is_dns());
     assert_eq!(c.masters[3].address.port, 443);
@@ -80,18 +74,12 @@ fn masters_sharing_a_host_are_named_by_port() {
 
 #[test]
 fn empty_file() {
-    assert_eq!(
-        err("  \n"),
-        "test.yaml: masters: the file is empty; at least one master is required"
-    );
+    assert_eq!(err("  \n"), "test.yaml: masters: the file is empty; at least one master is required");
 }
 
 #[test]
 fn masters_missing_or_empty() {
-    assert_eq!(
-        err("listen: 127.0.0.1:1\n"),
-        "test.yaml: missing field `masters`"
-    );
+    assert_eq!(err("listen: 127.0.0.1:1\n"), "test.yaml: missing field `masters`");
     assert_eq!(
         err("masters: []\n"),
         "test.yaml: masters: at least one master is required, e.g. `- 10.0.0.1:6443`"
@@ -132,20 +120,14 @@ fn bad_hosts() {
         "masters[0]: \"fd00::1:6443\" looks like an IPv6 address; write it in brackets with a port",
     );
     err_has("masters: [\"[fd00::1:6443\"]\n", "has an unclosed '['");
-    err_has(
-        "masters: [\"[fd00::zz]:6443\"]\n",
-        "\"fd00::zz\" is not a valid IPv6 address",
-    );
+    err_has("masters: [\"[fd00::zz]:6443\"]\n", "\"fd00::zz\" is not a valid IPv6 address");
     err_has("masters: [\"[fd00::1]\"]\n", "\"[fd00::1]\" has no port");
     err_has("masters: [\"[fd00::1]x\"]\n", "has junk after ']'");
     err_has(
         "masters: [\"my_host:6443\"]\n",
         "\"my_host\" is not an IPv4 address, a bracketed IPv6 address or a valid DNS name",
     );
-    err_has(
-        "masters: [\"10.0.0.300:6443\"]\n",
-        "\"10.0.0.300\" is not a valid IPv4 address",
-    );
+    err_has("masters: [\"10.0.0.300:6443\"]\n", "\"10.0.0.300\" is not a valid IPv4 address");
     err_has("masters: [\":6443\"]\n", "\":6443\" has no host");
     let long = "a".repeat(254);
     err_has(&format!("masters: [\"{long}:6443\"]\n"), "longer than 253");
@@ -162,9 +144,7 @@ fn duplicate_masters() {
         "test.yaml: masters[1]: master-1.EXAMPLE.com:6443 is listed twice (also masters[0])"
     );
     assert_eq!(
-        err(
-            "masters:\n  - {name: a, address: 10.0.0.1:6443}\n  - {name: a, address: 10.0.0.2:6443}\n"
-        ),
+        err("masters:\n  - {name: a, address: 10.0.0.1:6443}\n  - {name: a, address: 10.0.0.2:6443}\n"),
         "test.yaml: masters[1].name: \"a\" is used twice (also masters[0]); give each master its own name"
     );
 }
@@ -176,52 +156,32 @@ fn bad_names() {
         "masters[0].name: name \"a:b\" may only contain letters, digits, '-', '_' and '.' at line 2",
     );
     err_has(
-        &format!(
-            "masters:\n  - {{name: {}, address: 10.0.0.1:6443}}\n",
-            "n".repeat(64)
-        ),
+        &format!("masters:\n  - {{name: {}, address: 10.0.0.1:6443}}\n", "n".repeat(64)),
         "must be 1 to 63 characters",
     );
 }
 
 #[test]
 fn unknown_fields_are_refused_with_their_path() {
-    err_has(
-        "masters: [10.0.0.1:6443]\nlisten_addr: x\n",
-        "unknown field `listen_addr`",
-    );
+    err_has("masters: [10.0.0.1:6443]\nlisten_addr: x\n", "unknown field `listen_addr`");
     err_has(
         "masters:\n  - {address: 10.0.0.1:6443, weight: 3}\n",
         "masters[0]: unknown field `weight`, expected `name` or `address` at line 2",
     );
-    err_has(
-        "masters: [10.0.0.1:6443]\nhealth:\n  intervall: 2s\n",
-        "health: unknown field `intervall`",
-    );
-    err_has(
-        "masters: [10.0.0.1:6443]\nhealth:\n  tls: {cafile: x}\n",
-        "health.tls: unknown field `cafile`",
-    );
+    err_has("masters: [10.0.0.1:6443]\nhealth:\n  intervall: 2s\n", "health: unknown field `intervall`");
+    err_has("masters: [10.0.0.1:6443]\nhealth:\n  tls: {cafile: x}\n", "health.tls: unknown field `cafile`");
 }
 
 #[test]
 fn masters_of_the_wrong_type() {
     err_has("masters: 10.0.0.1:6443\n", "masters: invalid type: string");
-    err_has(
-        "masters: [42]\n",
-        "masters[0]: invalid type: integer `42`, expected \"host:port\"",
-    );
+    err_has("masters: [42]\n", "masters[0]: invalid type: integer `42`, expected \"host:port\"");
 }
 
 #[test]
 fn balance_values() {
     for b in ["leastconn", "roundrobin", "random", "source"] {
-        assert_eq!(
-            parse(&format!("masters: [10.0.0.1:6443]\nbalance: {b}\n"))
-                .balance
-                .as_str(),
-            b
-        );
+        assert_eq!(parse(&format!("masters: [10.0.0.1:6443]\nbalance: {b}\n")).balance.as_str(), b);
     }
     err_has(
         "masters: [10.0.0.1:6443]\nbalance: first\n",
@@ -248,26 +208,13 @@ fn durations_parse_and_print() {
 
 #[test]
 fn bad_durations() {
-    let e = |v: &str| {
-        err(&format!(
-            "masters: [10.0.0.1:6443]\ntimeouts:\n  connect: {v}\n"
-        ))
-    };
+    let e = |v: &str| err(&format!("masters: [10.0.0.1:6443]\ntimeouts:\n  connect: {v}\n"));
     let e_has = |v: &str, needle: &str| {
         let got = e(v);
-        assert!(
-            got.contains(needle),
-            "error {got:?}\n does not contain {needle:?}"
-        );
+        assert!(got.contains(needle), "error {got:?}\n does not contain {needle:?}");
     };
-    assert_eq!(
-        e("5"),
-        "test.yaml: timeouts.connect: 5 needs a unit, e.g. 5s or 5ms at line 3 column 12"
-    );
-    e_has(
-        "1.5",
-        "timeouts.connect: 1.5 is not a duration; write e.g. 1500ms instead of 1.5s",
-    );
+    assert_eq!(e("5"), "test.yaml: timeouts.connect: 5 needs a unit, e.g. 5s or 5ms at line 3 column 12");
+    e_has("1.5", "timeouts.connect: 1.5 is not a duration; write e.g. 1500ms instead of 1.5s");
     e_has("5 s", "\"5 s\" is not a duration");
     e_has("5d", "\"5d\" is not a duration");
     e_has("s", "\"s\" is not a duration");
@@ -280,10 +227,7 @@ fn bad_durations() {
 #[test]
 fn durations_below_minimums() {
     let c = with_ca("  interval: 50ms\n");
-    assert_eq!(
-        err(&c),
-        "test.yaml: health.interval: 50ms is too short; the minimum is 100ms"
-    );
+    assert_eq!(err(&c), "test.yaml: health.interval: 50ms is too short; the minimum is 100ms");
     err_has(
         "masters: [10.0.0.1:6443]\ntimeouts: {client: 500ms}\n",
         "timeouts.client: 500ms is too short; the minimum is 1000ms",
@@ -296,14 +240,8 @@ fn durations_below_minimums() {
 
 #[test]
 fn rise_fall_and_status_ranges() {
-    assert_eq!(
-        err(&with_ca("  rise: 0\n")),
-        "test.yaml: health.rise: 0 is out of range 1..=100"
-    );
-    assert_eq!(
-        err(&with_ca("  fall: 101\n")),
-        "test.yaml: health.fall: 101 is out of range 1..=100"
-    );
+    assert_eq!(err(&with_ca("  rise: 0\n")), "test.yaml: health.rise: 0 is out of range 1..=100");
+    assert_eq!(err(&with_ca("  fall: 101\n")), "test.yaml: health.fall: 101 is out of range 1..=100");
     err_has(
         &with_ca("  expect_status: [200, 700]\n"),
         "health.expect_status[1]: 700 is not an HTTP status code (100-599) at line 4 column 24",
@@ -316,18 +254,9 @@ fn rise_fall_and_status_ranges() {
 
 #[test]
 fn check_path_rules() {
-    err_has(
-        &with_ca("  path: readyz\n"),
-        "health.path: \"readyz\" must start with '/'",
-    );
-    err_has(
-        &with_ca("  path: \"/ready z\"\n"),
-        "may only contain printable characters",
-    );
-    assert_eq!(
-        parse(&with_ca("  path: /readyz?verbose\n")).health.path.0,
-        "/readyz?verbose"
-    );
+    err_has(&with_ca("  path: readyz\n"), "health.path: \"readyz\" must start with '/'");
+    err_has(&with_ca("  path: \"/ready z\"\n"), "may only contain printable characters");
+    assert_eq!(parse(&with_ca("  path: /readyz?verbose\n")).health.path.0, "/readyz?verbose");
 }
 
 #[test]
@@ -348,9 +277,7 @@ fn verification_needs_a_ca_or_an_explicit_opt_out() {
         "test.yaml: health.tls.ca_file: is required to verify the API servers' certificate; set it, \
          or set health.tls.insecure_skip_verify: true to check without verification"
     );
-    parse(
-        "masters: [10.0.0.1:6443]\nhealth:\n  auth: {mode: none}\n  tls: {insecure_skip_verify: true}\n",
-    );
+    parse("masters: [10.0.0.1:6443]\nhealth:\n  auth: {mode: none}\n  tls: {insecure_skip_verify: true}\n");
     // auto may find the CA next to the node's credential.
     parse("masters: [10.0.0.1:6443]\nhealth:\n  auth: {mode: auto}\n");
     err_has(
@@ -399,11 +326,7 @@ fn listeners() {
     );
     assert_eq!(c.stats.unwrap().auth.unwrap().user, "admin");
     assert_eq!(
-        parse("masters: [10.0.0.1:6443]\nstats: {}\n")
-            .stats
-            .unwrap()
-            .listen
-            .to_string(),
+        parse("masters: [10.0.0.1:6443]\nstats: {}\n").stats.unwrap().listen.to_string(),
         "127.0.0.1:8404"
     );
     err_has(
@@ -439,10 +362,7 @@ fn haproxy_settings() {
         &format!("masters: [10.0.0.1:6443]\nhaproxy: {{runtime_dir: {long}}}\n"),
         "is too long: unix socket paths inside it would exceed 107 bytes",
     );
-    err_has(
-        "masters: [10.0.0.1:6443]\nhaproxy: {maxconn: 0}\n",
-        "haproxy.maxconn: 0 is out of range",
-    );
+    err_has("masters: [10.0.0.1:6443]\nhaproxy: {maxconn: 0}\n", "haproxy.maxconn: 0 is out of range");
 }
 
 #[test]
@@ -454,13 +374,8 @@ fn malformed_yaml_reports_the_line() {
 
 #[test]
 fn unreadable_file() {
-    let e = Config::load(Path::new("/nonexistent/apilb.yaml"))
-        .unwrap_err()
-        .to_string();
-    assert_eq!(
-        e,
-        "cannot read config /nonexistent/apilb.yaml: No such file or directory (os error 2)"
-    );
+    let e = Config::load(Path::new("/nonexistent/apilb.yaml")).unwrap_err().to_string();
+    assert_eq!(e, "cannot read config /nonexistent/apilb.yaml: No such file or directory (os error 2)");
 }
 
 #[test]

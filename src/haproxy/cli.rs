@@ -58,10 +58,7 @@ pub async fn command(path: &Path, command: &str, limit: Duration) -> Result<Stri
             match UnixStream::connect(path).await {
                 Ok(s) => break s,
                 Err(e) if Instant::now() + Duration::from_millis(20) >= deadline => {
-                    return Err(CliError::Connect {
-                        path: path.to_owned(),
-                        source: e,
-                    });
+                    return Err(CliError::Connect { path: path.to_owned(), source: e });
                 }
                 Err(e)
                     if matches!(
@@ -72,31 +69,18 @@ pub async fn command(path: &Path, command: &str, limit: Duration) -> Result<Stri
                     sleep(Duration::from_millis(20)).await;
                 }
                 Err(e) => {
-                    return Err(CliError::Connect {
-                        path: path.to_owned(),
-                        source: e,
-                    });
+                    return Err(CliError::Connect { path: path.to_owned(), source: e });
                 }
             }
         };
-        let io = |source| CliError::Io {
-            path: path.to_owned(),
-            source,
-        };
-        stream
-            .write_all(format!("{command}\n").as_bytes())
-            .await
-            .map_err(io)?;
+        let io = |source| CliError::Io { path: path.to_owned(), source };
+        stream.write_all(format!("{command}\n").as_bytes()).await.map_err(io)?;
         stream.shutdown().await.map_err(io)?;
         let mut answer = String::new();
         stream.read_to_string(&mut answer).await.map_err(io)?;
         Ok(answer)
     };
     timeout_at(deadline, exchange).await.unwrap_or_else(|_| {
-        Err(CliError::Timeout {
-            path: path.to_owned(),
-            command: command.to_owned(),
-            limit,
-        })
+        Err(CliError::Timeout { path: path.to_owned(), command: command.to_owned(), limit })
     })
 }

@@ -91,10 +91,7 @@ impl Binary {
             .kill_on_drop(true)
             .output()
             .await
-            .map_err(|source| BinaryError::Spawn {
-                binary: self.path.clone(),
-                source,
-            })
+            .map_err(|source| BinaryError::Spawn { binary: self.path.clone(), source })
     }
 
     /// `haproxy -v`, checked against [`MIN_VERSION`].
@@ -102,14 +99,10 @@ impl Binary {
         let out = self.output(&["-v".as_ref()]).await?;
         let text = String::from_utf8_lossy(&out.stdout);
         let first = text.lines().next().unwrap_or_default().to_owned();
-        let version = parse_version(&first).ok_or_else(|| BinaryError::Version {
-            binary: self.path.clone(),
-            output: first,
-        })?;
+        let version = parse_version(&first)
+            .ok_or_else(|| BinaryError::Version { binary: self.path.clone(), output: first })?;
         if (version.parts.0, version.parts.1) < MIN_VERSION {
-            return Err(BinaryError::TooOld {
-                version: version.full,
-            });
+            return Err(BinaryError::TooOld { version: version.full });
         }
         Ok(version)
     }
@@ -121,16 +114,11 @@ impl Binary {
         file: &Path,
         redact: impl Fn(&str) -> String,
     ) -> Result<Vec<String>, BinaryError> {
-        let out = self
-            .output(&["-c".as_ref(), "-f".as_ref(), file.as_os_str()])
-            .await?;
+        let out = self.output(&["-c".as_ref(), "-f".as_ref(), file.as_os_str()]).await?;
         let mut text = String::from_utf8_lossy(&out.stderr).into_owned();
         text.push_str(&String::from_utf8_lossy(&out.stdout));
         let lines = |tag: &str| -> Vec<String> {
-            text.lines()
-                .filter(|l| l.contains(tag))
-                .map(|l| redact(l.trim()))
-                .collect()
+            text.lines().filter(|l| l.contains(tag)).map(|l| redact(l.trim())).collect()
         };
         // Exit 0: valid; 2: valid but nothing listens (not our case, but
         // still a config HAProxy would run). Anything else: refused.
@@ -139,18 +127,12 @@ impl Binary {
             _ => {
                 let mut alerts = lines("[ALERT]");
                 if alerts.is_empty() {
-                    alerts = text
-                        .lines()
-                        .map(|l| redact(l.trim()))
-                        .filter(|l| !l.is_empty())
-                        .collect();
+                    alerts = text.lines().map(|l| redact(l.trim())).filter(|l| !l.is_empty()).collect();
                 }
                 if alerts.is_empty() {
                     alerts.push(format!("haproxy -c exited with {}", out.status));
                 }
-                Err(BinaryError::Rejected {
-                    messages: alerts.join("\n"),
-                })
+                Err(BinaryError::Rejected { messages: alerts.join("\n") })
             }
         }
     }
@@ -171,22 +153,14 @@ impl Binary {
 
 /// Writes the config text and its auxiliary files (0600, atomically), and
 /// seeds an empty server-state file so HAProxy has one to load.
-pub fn write_rendered(
-    rendered: &Rendered,
-    paths: &Paths,
-    config_file: &Path,
-) -> Result<(), BinaryError> {
+pub fn write_rendered(rendered: &Rendered, paths: &Paths, config_file: &Path) -> Result<(), BinaryError> {
     let write = |path: &Path, data: &[u8]| {
         if let Some(dir) = path.parent() {
-            fsutil::ensure_private_dir(dir).map_err(|source| BinaryError::Write {
-                path: dir.to_owned(),
-                source,
-            })?;
+            fsutil::ensure_private_dir(dir)
+                .map_err(|source| BinaryError::Write { path: dir.to_owned(), source })?;
         }
-        fsutil::write_atomic(path, data, 0o600).map_err(|source| BinaryError::Write {
-            path: path.to_owned(),
-            source,
-        })
+        fsutil::write_atomic(path, data, 0o600)
+            .map_err(|source| BinaryError::Write { path: path.to_owned(), source })
     };
     for aux in &rendered.aux_files {
         write(&aux.path, aux.contents.expose().as_bytes())?;
@@ -202,21 +176,13 @@ pub fn write_rendered(
 /// Parses the first line of `haproxy -v`:
 /// `HAProxy version 2.6.12-1+deb12u3 2025/10/03 - https://haproxy.org/`.
 pub fn parse_version(line: &str) -> Option<Version> {
-    let full = line
-        .split_whitespace()
-        .skip_while(|w| *w != "version")
-        .nth(1)?;
-    let mut nums = full
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<u32>().ok());
+    let full = line.split_whitespace().skip_while(|w| *w != "version").nth(1)?;
+    let mut nums =
+        full.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).map(|s| s.parse::<u32>().ok());
     let major = nums.next()??;
     let minor = nums.next()??;
     let patch = nums.next().flatten().unwrap_or(0);
-    Some(Version {
-        parts: (major, minor, patch),
-        full: full.to_owned(),
-    })
+    Some(Version { parts: (major, minor, patch), full: full.to_owned() })
 }
 
 #[cfg(test)]
@@ -225,16 +191,10 @@ mod tests {
 
     #[test]
     fn parses_debian_version_line() {
-        let v = parse_version("HAProxy version 2.6.12-1+deb12u3 2025/10/03 - https://haproxy.org/")
-            .unwrap();
+        let v = parse_version("HAProxy version 2.6.12-1+deb12u3 2025/10/03 - https://haproxy.org/").unwrap();
         assert_eq!(v.parts, (2, 6, 12));
         assert_eq!(v.full, "2.6.12-1+deb12u3");
-        assert_eq!(
-            parse_version("HA-Proxy version 2.4.22 2023/02/14")
-                .unwrap()
-                .parts,
-            (2, 4, 22)
-        );
+        assert_eq!(parse_version("HA-Proxy version 2.4.22 2023/02/14").unwrap().parts, (2, 4, 22));
         assert!(parse_version("garbage").is_none());
     }
 }

@@ -69,10 +69,7 @@ pub fn parse_line(raw: &str) -> (Severity, Option<u32>, &str) {
     };
     let rest = rest.trim_start();
     let (pid, msg) = match rest.strip_prefix('(').and_then(|r| r.split_once(')')) {
-        Some((pid, msg)) => (
-            pid.trim().parse().ok(),
-            msg.trim_start().trim_start_matches(':').trim_start(),
-        ),
+        Some((pid, msg)) => (pid.trim().parse().ok(), msg.trim_start().trim_start_matches(':').trim_start()),
         None => (None, rest),
     };
     (severity, pid, msg)
@@ -99,26 +96,16 @@ impl Output {
             Err(e) => return Err(e),
         }
         // Read-write: the reader never sees EOF when HAProxy restarts.
-        let receiver = pipe::OpenOptions::new()
-            .read_write(true)
-            .open_receiver(path)?;
+        let receiver = pipe::OpenOptions::new().read_write(true).open_receiver(path)?;
         let recent = Arc::new(Mutex::new(VecDeque::with_capacity(KEEP)));
         let redactor = Arc::new(RwLock::new(Redactor::default()));
         let task = tokio::spawn(read(receiver, recent.clone(), redactor.clone()));
-        Ok(Output {
-            path: path.to_owned(),
-            recent,
-            redactor,
-            task,
-        })
+        Ok(Output { path: path.to_owned(), recent, redactor, task })
     }
 
     /// A non-blocking write end for a new HAProxy's stdout or stderr.
     pub fn writer(&self) -> io::Result<OwnedFd> {
-        let file = OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&self.path)?;
+        let file = OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&self.path)?;
         Ok(file.into())
     }
 
@@ -152,15 +139,10 @@ impl Drop for Output {
 }
 
 fn mkfifo(path: &Path) -> io::Result<()> {
-    nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600))
-        .map_err(io::Error::from)
+    nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)).map_err(io::Error::from)
 }
 
-async fn read(
-    receiver: pipe::Receiver,
-    recent: Arc<Mutex<VecDeque<Line>>>,
-    redactor: Arc<RwLock<Redactor>>,
-) {
+async fn read(receiver: pipe::Receiver, recent: Arc<Mutex<VecDeque<Line>>>, redactor: Arc<RwLock<Redactor>>) {
     let mut lines = BufReader::new(receiver).lines();
     loop {
         let raw = match lines.next_line().await {
@@ -175,10 +157,7 @@ async fn read(
             continue;
         }
         let (severity, pid, msg) = parse_line(&raw);
-        let message = redactor
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .redact(msg);
+        let message = redactor.read().unwrap_or_else(|e| e.into_inner()).redact(msg);
         match severity {
             Severity::Alert => tracing::error!(target: "haproxy", pid, "{message}"),
             Severity::Warning => tracing::warn!(target: "haproxy", pid, "{message}"),
@@ -188,12 +167,7 @@ async fn read(
         if recent.len() == KEEP {
             recent.pop_front();
         }
-        recent.push_back(Line {
-            at: Instant::now(),
-            severity,
-            pid,
-            message,
-        });
+        recent.push_back(Line { at: Instant::now(), severity, pid, message });
     }
 }
 
@@ -204,23 +178,10 @@ mod tests {
     #[test]
     fn parses_tagged_and_raw_lines() {
         let (s, pid, m) = parse_line("[ALERT]    (1484) : config : parsing [c.cfg:13] : bad");
-        assert_eq!(
-            (s, pid, m),
-            (
-                Severity::Alert,
-                Some(1484),
-                "config : parsing [c.cfg:13] : bad"
-            )
-        );
+        assert_eq!((s, pid, m), (Severity::Alert, Some(1484), "config : parsing [c.cfg:13] : bad"));
         let (s, pid, m) = parse_line("[NOTICE]   (24050) : New worker (24053) forked");
-        assert_eq!(
-            (s, pid, m),
-            (Severity::Notice, Some(24050), "New worker (24053) forked")
-        );
+        assert_eq!((s, pid, m), (Severity::Notice, Some(24050), "New worker (24053) forked"));
         assert_eq!(parse_line("[WARNING]  (7) : x").0, Severity::Warning);
-        assert_eq!(
-            parse_line("plain text"),
-            (Severity::Notice, None, "plain text")
-        );
+        assert_eq!(parse_line("plain text"), (Severity::Notice, None, "plain text"));
     }
 }

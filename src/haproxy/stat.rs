@@ -49,10 +49,7 @@ pub struct ProcInfo {
 /// # programs
 /// ```
 pub fn parse_show_proc(text: &str) -> Result<ProcInfo, ParseError> {
-    let err = |problem: String| ParseError {
-        command: "show proc",
-        problem,
-    };
+    let err = |problem: String| ParseError { command: "show proc", problem };
     let mut master: Option<(u32, u64, u64)> = None;
     let mut workers = Vec::new();
     let mut old_workers = Vec::new();
@@ -72,10 +69,7 @@ pub fn parse_show_proc(text: &str) -> Result<ProcInfo, ParseError> {
             .first()
             .and_then(|p| p.parse::<u32>().ok())
             .ok_or_else(|| err(format!("bad line {line:?}")))?;
-        let reloads = fields
-            .get(2)
-            .and_then(|r| r.parse::<u64>().ok())
-            .unwrap_or(0);
+        let reloads = fields.get(2).and_then(|r| r.parse::<u64>().ok()).unwrap_or(0);
         match fields.get(1).copied() {
             Some("master") => {
                 let failed = line
@@ -92,13 +86,7 @@ pub fn parse_show_proc(text: &str) -> Result<ProcInfo, ParseError> {
     }
     let (master_pid, reloads, failed_reloads) =
         master.ok_or_else(|| err(format!("no master line in {text:?}")))?;
-    Ok(ProcInfo {
-        master_pid,
-        reloads,
-        failed_reloads,
-        workers,
-        old_workers,
-    })
+    Ok(ProcInfo { master_pid, reloads, failed_reloads, workers, old_workers })
 }
 
 /// A server's administrative and health state, simplified.
@@ -117,12 +105,8 @@ pub enum ServerState {
 
 impl ServerState {
     /// Every state, for one-hot metrics.
-    pub const ALL: [ServerState; 4] = [
-        ServerState::Up,
-        ServerState::Down,
-        ServerState::Maint,
-        ServerState::Drain,
-    ];
+    pub const ALL: [ServerState; 4] =
+        [ServerState::Up, ServerState::Down, ServerState::Maint, ServerState::Drain];
 
     /// As exported in metrics and status.
     pub fn as_str(self) -> &'static str {
@@ -216,22 +200,14 @@ pub struct Stats {
 
 /// Parses `show stat` CSV (header line `# pxname,svname,…`).
 pub fn parse_show_stat(text: &str) -> Result<Stats, ParseError> {
-    let err = |problem: String| ParseError {
-        command: "show stat",
-        problem,
-    };
+    let err = |problem: String| ParseError { command: "show stat", problem };
     let mut lines = text.lines();
     let header = lines
         .next()
         .and_then(|h| h.strip_prefix("# "))
         .ok_or_else(|| err(format!("no CSV header in {:?}", text.lines().next())))?;
     let index: HashMap<&str, usize> = header.split(',').enumerate().map(|(i, n)| (n, i)).collect();
-    let col = |name: &'static str| {
-        index
-            .get(name)
-            .copied()
-            .ok_or_else(|| err(format!("no column {name}")))
-    };
+    let col = |name: &'static str| index.get(name).copied().ok_or_else(|| err(format!("no column {name}")));
     let (px, sv, status, ty) = (col("pxname")?, col("svname")?, col("status")?, col("type")?);
     let opt = |name: &str| index.get(name).copied();
     let mut stats = Stats::default();
@@ -286,20 +262,8 @@ mod tests {
         let p = parse_show_proc(text).unwrap();
         assert_eq!(p.master_pid, 24050);
         assert_eq!((p.reloads, p.failed_reloads), (5, 1));
-        assert_eq!(
-            p.workers,
-            vec![Proc {
-                pid: 24484,
-                reloads: 1
-            }]
-        );
-        assert_eq!(
-            p.old_workers,
-            vec![Proc {
-                pid: 24305,
-                reloads: 1
-            }]
-        );
+        assert_eq!(p.workers, vec![Proc { pid: 24484, reloads: 1 }]);
+        assert_eq!(p.old_workers, vec![Proc { pid: 24305, reloads: 1 }]);
         assert!(parse_show_proc("Unknown command.\n").is_err());
     }
 
@@ -340,10 +304,7 @@ mod tests {
         assert_eq!(m2.check_desc, "Layer4 connection problem");
         assert_eq!((m2.connect_errors, m2.retries, m2.redispatches), (5, 2, 1));
         let m1 = &s.servers[0];
-        assert_eq!(
-            (m1.check_code, m1.check_duration_ms, m1.last_change_s),
-            (Some(200), Some(3), Some(42))
-        );
+        assert_eq!((m1.check_code, m1.check_duration_ms, m1.last_change_s), (Some(200), Some(3), Some(42)));
         assert!(s.servers[2].backup);
         assert!(parse_show_stat("").is_err());
     }

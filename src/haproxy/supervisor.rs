@@ -120,11 +120,7 @@ impl Haproxy {
     /// Waits until the master exits.
     pub async fn exited(&self) -> Exit {
         let mut rx = self.exited.clone();
-        let exit = rx
-            .wait_for(Option::is_some)
-            .await
-            .ok()
-            .and_then(|e| e.clone());
+        let exit = rx.wait_for(Option::is_some).await.ok().and_then(|e| e.clone());
         exit.unwrap_or_else(unknown_exit)
     }
 
@@ -132,45 +128,24 @@ impl Haproxy {
     /// paths. Returns `None` when there is none (stale pidfile, other
     /// process, no answer on the master socket).
     pub async fn adopt(binary: &Binary, paths: &Paths) -> Option<Haproxy> {
-        let pid: u32 = std::fs::read_to_string(paths.pidfile())
-            .ok()?
-            .trim()
-            .parse()
-            .ok()?;
+        let pid: u32 = std::fs::read_to_string(paths.pidfile()).ok()?.trim().parse().ok()?;
         if !is_our_master(pid, paths) {
             return None;
         }
-        let proc = show_proc_at(&paths.master_socket(), cli::DEFAULT_TIMEOUT)
-            .await
-            .ok()?;
+        let proc = show_proc_at(&paths.master_socket(), cli::DEFAULT_TIMEOUT).await.ok()?;
         if proc.master_pid != pid {
             return None;
         }
         let exited = watch_foreign(pid).ok()?;
-        Some(Haproxy {
-            binary: binary.clone(),
-            paths: paths.clone(),
-            pid,
-            adopted: true,
-            exited,
-        })
+        Some(Haproxy { binary: binary.clone(), paths: paths.clone(), pid, adopted: true, exited })
     }
 
     /// Starts a master on the config in the runtime directory and waits
     /// until it runs a worker. On failure the error carries HAProxy's own
     /// messages, read from `output`.
-    pub async fn spawn(
-        binary: &Binary,
-        paths: &Paths,
-        output: &Output,
-    ) -> Result<Haproxy, SupervisorError> {
+    pub async fn spawn(binary: &Binary, paths: &Paths, output: &Output) -> Result<Haproxy, SupervisorError> {
         let started = Instant::now();
-        let file = |path: PathBuf| {
-            move |source| SupervisorError::File {
-                path: path.clone(),
-                source,
-            }
-        };
+        let file = |path: PathBuf| move |source| SupervisorError::File { path: path.clone(), source };
         let stdout = output.writer().map_err(file(paths.output_fifo()))?;
         let stderr = stdout.try_clone().map_err(file(paths.output_fifo()))?;
         let master = format!("{},mode,600", paths.master_socket().display());
@@ -194,10 +169,8 @@ impl Haproxy {
         unsafe {
             cmd.pre_exec(|| nix::unistd::setsid().map(drop).map_err(io::Error::from));
         }
-        let mut child = cmd.spawn().map_err(|source| SupervisorError::Spawn {
-            binary: binary.path.clone(),
-            source,
-        })?;
+        let mut child =
+            cmd.spawn().map_err(|source| SupervisorError::Spawn { binary: binary.path.clone(), source })?;
         let pid = child.id().unwrap_or_default();
         let (tx, exited) = watch::channel(None);
         let mut dead = exited.clone();
@@ -212,8 +185,7 @@ impl Haproxy {
         let limit = Duration::from_secs(15);
         let up = async {
             loop {
-                if let Ok(p) =
-                    show_proc_at(&paths.master_socket(), Duration::from_millis(200)).await
+                if let Ok(p) = show_proc_at(&paths.master_socket(), Duration::from_millis(200)).await
                     && p.master_pid == pid
                     && !p.workers.is_empty()
                 {
@@ -239,13 +211,7 @@ impl Haproxy {
                 return Err(SupervisorError::StartTimeout(limit));
             }
         }
-        Ok(Haproxy {
-            binary: binary.clone(),
-            paths: paths.clone(),
-            pid,
-            adopted: false,
-            exited,
-        })
+        Ok(Haproxy { binary: binary.clone(), paths: paths.clone(), pid, adopted: false, exited })
     }
 
     /// `show proc` on the master CLI.
@@ -255,12 +221,7 @@ impl Haproxy {
 
     /// `show stat` on the worker's stats socket.
     pub async fn show_stat(&self) -> Result<Stats, SupervisorError> {
-        let text = cli::command(
-            &self.paths.stats_socket(),
-            "show stat",
-            cli::DEFAULT_TIMEOUT,
-        )
-        .await?;
+        let text = cli::command(&self.paths.stats_socket(), "show stat", cli::DEFAULT_TIMEOUT).await?;
         Ok(stat::parse_show_stat(&text)?)
     }
 
@@ -296,13 +257,9 @@ impl Haproxy {
         let deadline = started + Duration::from_secs(30);
         loop {
             if self.has_exited() {
-                return Err(ReloadError::Unconfirmed(
-                    "HAProxy exited during the reload".into(),
-                ));
+                return Err(ReloadError::Unconfirmed("HAProxy exited during the reload".into()));
             }
-            if let Ok(after) =
-                show_proc_at(&self.paths.master_socket(), Duration::from_millis(500)).await
-            {
+            if let Ok(after) = show_proc_at(&self.paths.master_socket(), Duration::from_millis(500)).await {
                 if after.failed_reloads > before.failed_reloads {
                     sleep(Duration::from_millis(50)).await;
                     let mut reason = output.alerts_since(started);
@@ -364,9 +321,7 @@ impl Haproxy {
 }
 
 fn unknown_exit() -> Exit {
-    Exit {
-        status: "unknown".into(),
-    }
+    Exit { status: "unknown".into() }
 }
 
 async fn show_proc_at(socket: &Path, limit: Duration) -> Result<ProcInfo, SupervisorError> {
@@ -380,15 +335,12 @@ fn is_our_master(pid: u32, paths: &Paths) -> bool {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
-    let args: Vec<String> = cmdline
-        .split(|b| *b == 0)
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
+    let args: Vec<String> =
+        cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
     let master = paths.master_socket().display().to_string();
     let config = paths.config_file().display().to_string();
     let has = |flag: &str, value: &str| {
-        args.windows(2)
-            .any(|w| w[0] == flag && (w[1] == value || w[1].starts_with(&format!("{value},"))))
+        args.windows(2).any(|w| w[0] == flag && (w[1] == value || w[1].starts_with(&format!("{value},"))))
     };
     has("-S", &master) && has("-f", &config)
 }
@@ -409,9 +361,7 @@ fn watch_foreign(pid: u32) -> io::Result<watch::Receiver<Option<Exit>>> {
     tokio::spawn(async move {
         // A pidfd becomes readable when the process exits.
         let _ = fd.readable().await;
-        let _ = tx.send(Some(Exit {
-            status: "exited (adopted process; status unknown)".into(),
-        }));
+        let _ = tx.send(Some(Exit { status: "exited (adopted process; status unknown)".into() }));
     });
     Ok(rx)
 }
@@ -425,8 +375,7 @@ pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the parenthesised command name.
         Ok(stat) => !matches!(
-            stat.rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().next()),
+            stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()),
             Some("Z" | "X")
         ),
         Err(_) => false,

@@ -18,8 +18,7 @@ use tokio::net::TcpStream;
 pub fn init_logs() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("APILB_LOG")
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("APILB_LOG").unwrap_or_else(|_| "info".into()),
         )
         .with_ansi(false)
         .with_test_writer()
@@ -55,12 +54,7 @@ impl Env {
     }
 
     /// Waits until the status satisfies `pred`, at most `limit`.
-    pub async fn wait_status(
-        &self,
-        limit: Duration,
-        what: &str,
-        pred: impl Fn(&Status) -> bool,
-    ) -> Status {
+    pub async fn wait_status(&self, limit: Duration, what: &str, pred: impl Fn(&Status) -> bool) -> Status {
         let mut rx = self.agent().status();
         let result = tokio::time::timeout(limit, async {
             loop {
@@ -78,25 +72,15 @@ impl Env {
         .await;
         match result {
             Ok(s) => s,
-            Err(_) => panic!(
-                "timed out after {limit:?} waiting for: {what}\nstatus: {:#?}",
-                rx.borrow()
-            ),
+            Err(_) => panic!("timed out after {limit:?} waiting for: {what}\nstatus: {:#?}", rx.borrow()),
         }
     }
 
     pub async fn wait_all_up(&self) -> Status {
         let n = self.lab.servers.len();
-        self.wait_status(
-            Duration::from_secs(15),
-            "every master UP with a passed check",
-            move |s| {
-                s.masters.len() == n
-                    && s.masters
-                        .iter()
-                        .all(|m| m.state == "UP" && m.check_status == "L7OK")
-            },
-        )
+        self.wait_status(Duration::from_secs(15), "every master UP with a passed check", move |s| {
+            s.masters.len() == n && s.masters.iter().all(|m| m.state == "UP" && m.check_status == "L7OK")
+        })
         .await
     }
 
@@ -107,11 +91,7 @@ impl Env {
     }
 
     pub fn haproxy_pid(&self) -> Option<u32> {
-        std::fs::read_to_string(self.lab.path("run/haproxy.pid"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
+        std::fs::read_to_string(self.lab.path("run/haproxy.pid")).ok()?.trim().parse().ok()
     }
 }
 
@@ -126,23 +106,14 @@ impl Drop for Env {
 
 /// A plain HTTP/1.1 GET; returns status code and body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr)
-        .await
-        .expect("connect to metrics endpoint");
+    let mut s = TcpStream::connect(addr).await.expect("connect to metrics endpoint");
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
         .await
         .unwrap();
     let mut buf = String::new();
     s.read_to_string(&mut buf).await.unwrap();
-    let code = buf
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
+    let code = buf.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     (code, body)
 }
 
@@ -187,31 +158,20 @@ impl AgentProcess {
         Self::spawn_with(lab, name, extra_env, &[])
     }
 
-    pub fn spawn_with(
-        lab: &Lab,
-        name: &str,
-        extra_env: &[(&str, &str)],
-        args: &[&str],
-    ) -> AgentProcess {
+    pub fn spawn_with(lab: &Lab, name: &str, extra_env: &[(&str, &str)], args: &[&str]) -> AgentProcess {
         let log = lab.path(&format!("{name}.log"));
         let file = std::fs::File::create(&log).unwrap();
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_apilb"));
         cmd.args(args)
             .args(["run", "--shutdown-grace", "1s", "--config"])
             .arg(lab.config_path())
-            .env(
-                "PATH",
-                format!("{}:/usr/sbin", std::env::var("PATH").unwrap_or_default()),
-            )
+            .env("PATH", format!("{}:/usr/sbin", std::env::var("PATH").unwrap_or_default()))
             .stdout(std::process::Stdio::null())
             .stderr(file);
         for (k, v) in extra_env {
             cmd.env(k, v);
         }
-        AgentProcess {
-            child: cmd.spawn().expect("spawn apilb"),
-            log,
-        }
+        AgentProcess { child: cmd.spawn().expect("spawn apilb"), log }
     }
 
     pub fn logs(&self) -> String {
@@ -231,8 +191,7 @@ impl AgentProcess {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("apilb exited with {status}:\n{}", self.logs());
             }
-            if tokio::net::TcpStream::connect(addr).await.is_ok()
-                && http_get(addr, "/readyz").await.0 == 200
+            if tokio::net::TcpStream::connect(addr).await.is_ok() && http_get(addr, "/readyz").await.0 == 200
             {
                 return;
             }

@@ -1,0 +1,638 @@
+//! Learning the masters from the Kubernetes API: list, then watch, the
+//! EndpointSlices of the `default/kubernetes` service (or its Endpoints on
+//! clusters without the discovery API), and report the ready addresses.
+//!
+//! The API servers maintain that object themselves: each adds its address
+//! once its own `/readyz` passes and removes it when it shuts down, so it is
+//! the authoritative list of masters. The watcher talks through apilb's own
+//! frontend by default, so it needs no route of its own and survives the
+//! loss of any master.
+//!
+//! resourceVersion is handled as client-go does: the list gives the version
+//! the watch starts from; bookmarks and events advance it; a watch that
+//! times out resumes from it; an expired version (410, as an HTTP status or
+//! as an ERROR event) means a fresh list; other errors back off with jitter.
+
+pub mod kubeconfig;
+pub mod persist;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Empty};
+use hyper::Request;
+use hyper::body::{Bytes, Incoming};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use serde::Deserialize;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::config::{Address, Cidr, DEFAULT_DISCOVERY_KUBECONFIGS, Host, KubernetesDiscovery, Via};
+use kubeconfig::KubeAccess;
+
+/// What the watcher reports to the agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Update {
+    /// The ready API servers, validated, non-empty, sorted.
+    Found {
+        /// Their addresses.
+        addresses: Vec<Address>,
+        /// Addresses refused (outside `allowed_cidrs`, not IPs, …) and why.
+        refused: Vec<String>,
+        /// `endpointslices` or `endpoints`.
+        api: &'static str,
+    },
+    /// The watch had to start over (expired resourceVersion, error).
+    Restarted(String),
+    /// Discovery cannot make progress now; the masters in use stay.
+    Failing(String),
+}
+
+/// How the watcher reaches the API.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The `discovery.kubernetes` settings.
+    pub settings: KubernetesDiscovery,
+    /// apilb's frontend, used when `via: local`.
+    pub local: SocketAddr,
+    /// The name to verify the API servers under when the kubeconfig has no
+    /// `tls-server-name` and requests go through the frontend
+    /// (`health.tls.server_name`).
+    pub server_name: String,
+    /// How long a watch request lasts before it is renewed.
+    pub watch_timeout: Duration,
+}
+
+/// Starts the watcher; it runs until aborted.
+pub fn spawn(opts: Options, tx: mpsc::Sender<Update>) -> JoinHandle<()> {
+    tokio::spawn(run(opts, tx))
+}
+
+/// Why one list/watch session ended.
+#[derive(Debug)]
+enum End {
+    /// The resourceVersion expired: list again at once.
+    Expired,
+    /// Anything else: back off, then list again.
+    Error(String),
+}
+
+/// The object being watched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Api {
+    /// discovery.k8s.io/v1 EndpointSlices (Kubernetes 1.21+).
+    EndpointSlices,
+    /// v1 Endpoints, on clusters without the discovery API.
+    Endpoints,
+}
+
+impl Api {
+    fn name(self) -> &'static str {
+        match self {
+            Api::EndpointSlices => "endpointslices",
+            Api::Endpoints => "endpoints",
+        }
+    }
+    fn path(self) -> &'static str {
+        match self {
+            // system:node-proxier may list and watch, not get: select the
+            // one object by label / field instead of fetching it by name.
+            Api::EndpointSlices => {
+                "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices?labelSelector=kubernetes.io%2Fservice-name%3Dkubernetes"
+            }
+            Api::Endpoints => "/api/v1/namespaces/default/endpoints?fieldSelector=metadata.name%3Dkubernetes",
+        }
+    }
+}
+
+/// Delays between failed sessions: exponential, capped, with jitter so a
+/// fleet of nodes does not retry in step.
+struct Backoff {
+    attempt: u32,
+    state: u64,
+}
+
+impl Backoff {
+    fn new() -> Backoff {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() as u64)
+            .unwrap_or(1)
+            ^ (u64::from(std::process::id()) << 32);
+        Backoff { attempt: 0, state: seed | 1 }
+    }
+    fn reset(&mut self) {
+        self.attempt = 0;
+    }
+    /// 0.5s, 1s, 2s … up to 30s, each times a factor in [0.5, 1.5).
+    fn next(&mut self) -> Duration {
+        let base = Duration::from_millis(500).saturating_mul(1 << self.attempt.min(6)).min(Duration::from_secs(30));
+        self.attempt += 1;
+        // xorshift64
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        let factor = 0.5 + (self.state % 1000) as f64 / 1000.0;
+        base.mul_f64(factor)
+    }
+}
+
+async fn run(opts: Options, tx: mpsc::Sender<Update>) {
+    let mut backoff = Backoff::new();
+    let mut last: Option<Vec<Address>> = None;
+    loop {
+        let client = match Client::new(&opts) {
+            Ok(c) => c,
+            Err(why) => {
+                let _ = tx.send(Update::Failing(why)).await;
+                tokio::time::sleep(backoff.next().max(Duration::from_secs(5))).await;
+                continue;
+            }
+        };
+        match session(&client, &opts, &tx, &mut last, &mut backoff).await {
+            End::Expired => {
+                let _ = tx.send(Update::Restarted("the resourceVersion expired (410); listing again".into())).await;
+            }
+            End::Error(e) => {
+                let delay = backoff.next();
+                let _ = tx.send(Update::Restarted(format!("{e}; retrying in {delay:.1?}"))).await;
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// One list followed by watches until something ends it.
+async fn session(
+    client: &Client,
+    opts: &Options,
+    tx: &mpsc::Sender<Update>,
+    last: &mut Option<Vec<Address>>,
+    backoff: &mut Backoff,
+) -> End {
+    let (api, mut rv, mut objects) = match list(client, Api::EndpointSlices).await {
+        Ok((rv, objects)) => (Api::EndpointSlices, rv, objects),
+        Err(ListError::NotFound) => match list(client, Api::Endpoints).await {
+            Ok((rv, objects)) => (Api::Endpoints, rv, objects),
+            Err(e) => return e.into(),
+        },
+        Err(e) => return e.into(),
+    };
+    backoff.reset();
+    report(&objects, api, opts, tx, last).await;
+    loop {
+        let path = format!(
+            "{}&watch=1&resourceVersion={rv}&allowWatchBookmarks=true&timeoutSeconds={}",
+            api.path(),
+            opts.watch_timeout.as_secs().max(1)
+        );
+        let body = match client.get(&path).await {
+            Ok((200, body)) => body,
+            Ok((410, _)) => return End::Expired,
+            Ok((code, _)) => return End::Error(format!("watch {}: HTTP {code}", api.name())),
+            Err(e) => return End::Error(e),
+        };
+        let mut lines = LineReader { body, buf: Vec::new() };
+        let deadline = tokio::time::Instant::now() + opts.watch_timeout + Duration::from_secs(30);
+        loop {
+            let line = match tokio::time::timeout_at(deadline, lines.next()).await {
+                Ok(Ok(Some(line))) => line,
+                // The server ended the watch (timeoutSeconds): resume.
+                Ok(Ok(None)) => break,
+                Ok(Err(e)) => return End::Error(format!("watch {}: {e}", api.name())),
+                Err(_) => return End::Error(format!("watch {}: no event or end within its timeout", api.name())),
+            };
+            let event: WatchEvent = match serde_json::from_slice(&line) {
+                Ok(e) => e,
+                Err(e) => return End::Error(format!("watch {}: unreadable event: {e}", api.name())),
+            };
+            match event.kind.as_str() {
+                "ERROR" => {
+                    let code = event.object.get("code").and_then(|c| c.as_u64()).unwrap_or(0);
+                    if code == 410 {
+                        return End::Expired;
+                    }
+                    let msg = event.object.get("message").and_then(|m| m.as_str()).unwrap_or("");
+                    return End::Error(format!("watch {}: error {code}: {msg}", api.name()));
+                }
+                kind @ ("ADDED" | "MODIFIED" | "DELETED" | "BOOKMARK") => {
+                    let meta: Meta = event
+                        .object
+                        .get("metadata")
+                        .and_then(|m| serde_json::from_value(m.clone()).ok())
+                        .unwrap_or_default();
+                    if !meta.resource_version.is_empty() {
+                        rv = meta.resource_version;
+                    }
+                    match kind {
+                        "BOOKMARK" => continue,
+                        "DELETED" => {
+                            objects.remove(&meta.name);
+                        }
+                        _ => {
+                            objects.insert(meta.name, event.object);
+                        }
+                    }
+                    report(&objects, api, opts, tx, last).await;
+                }
+                other => return End::Error(format!("watch {}: unknown event type {other:?}", api.name())),
+            }
+        }
+    }
+}
+
+enum ListError {
+    NotFound,
+    Expired,
+    Other(String),
+}
+
+impl From<ListError> for End {
+    fn from(e: ListError) -> End {
+        match e {
+            ListError::Expired => End::Expired,
+            ListError::NotFound => End::Error("neither EndpointSlices nor Endpoints are served".into()),
+            ListError::Other(e) => End::Error(e),
+        }
+    }
+}
+
+/// Lists the objects; returns the list's resourceVersion and the objects
+/// by name.
+async fn list(client: &Client, api: Api) -> Result<(String, BTreeMap<String, serde_json::Value>), ListError> {
+    let (code, body) = client.get(api.path()).await.map_err(ListError::Other)?;
+    match code {
+        200 => {}
+        404 => return Err(ListError::NotFound),
+        410 => return Err(ListError::Expired),
+        401 => return Err(ListError::Other(format!("list {}: 401: the kubeconfig's credential was rejected", api.name()))),
+        403 => {
+            return Err(ListError::Other(format!(
+                "list {}: 403: the kubeconfig's identity may not list {} in default (it needs list and watch, as \
+                 system:node-proxier grants)",
+                api.name(),
+                api.name()
+            )));
+        }
+        other => return Err(ListError::Other(format!("list {}: HTTP {other}", api.name()))),
+    }
+    let bytes = read_all(body, 8 << 20).await.map_err(ListError::Other)?;
+    let list: List = serde_json::from_slice(&bytes).map_err(|e| ListError::Other(format!("list {}: {e}", api.name())))?;
+    let objects = list
+        .items
+        .into_iter()
+        .map(|o| {
+            let name = o.get("metadata").and_then(|m| m.get("name")).and_then(|n| n.as_str()).unwrap_or("").to_owned();
+            (name, o)
+        })
+        .collect();
+    Ok((list.metadata.resource_version, objects))
+}
+
+/// Computes the ready addresses and reports them when they changed.
+async fn report(
+    objects: &BTreeMap<String, serde_json::Value>,
+    api: Api,
+    opts: &Options,
+    tx: &mpsc::Sender<Update>,
+    last: &mut Option<Vec<Address>>,
+) {
+    let (addresses, refused) = ready_addresses(objects.values(), api, &opts.settings.allowed_cidrs);
+    if addresses.is_empty() {
+        let _ = tx
+            .send(Update::Failing(format!(
+                "the API lists no usable ready API server{}; keeping the masters in use",
+                if refused.is_empty() { String::new() } else { format!(" (refused: {})", refused.join("; ")) }
+            )))
+            .await;
+        return;
+    }
+    if last.as_ref() == Some(&addresses) {
+        return;
+    }
+    *last = Some(addresses.clone());
+    let _ = tx.send(Update::Found { addresses, refused, api: api.name() }).await;
+}
+
+/// The ready, valid, allowed addresses in EndpointSlices or Endpoints,
+/// sorted and unique, and the refused ones with the reason.
+pub fn ready_addresses<'a>(
+    objects: impl Iterator<Item = &'a serde_json::Value>,
+    api: Api,
+    allowed: &[Cidr],
+) -> (Vec<Address>, Vec<String>) {
+    let mut found = Vec::new();
+    let mut refused = Vec::new();
+    let consider = |raw: &str, port: Option<u16>, found: &mut Vec<Address>, refused: &mut Vec<String>| {
+        let Ok(ip) = raw.parse::<IpAddr>() else {
+            refused.push(format!("{raw}: not an IP address"));
+            return;
+        };
+        let Some(port) = port else {
+            refused.push(format!("{raw}: no https port"));
+            return;
+        };
+        if ip.is_unspecified() || ip.is_multicast() {
+            refused.push(format!("{raw}: not a usable address"));
+            return;
+        }
+        if !allowed.is_empty() && !allowed.iter().any(|c| c.contains(ip)) {
+            let nets: Vec<String> = allowed.iter().map(Cidr::to_string).collect();
+            refused.push(format!("{raw}: outside discovery.kubernetes.allowed_cidrs ({})", nets.join(", ")));
+            return;
+        }
+        found.push(Address { host: Host::Ip(ip), port });
+    };
+    for obj in objects {
+        match api {
+            Api::EndpointSlices => {
+                let Ok(slice) = serde_json::from_value::<Slice>(obj.clone()) else { continue };
+                if slice.address_type == "FQDN" {
+                    refused.push(format!("slice {}: FQDN endpoints are not supported", slice.metadata.name));
+                    continue;
+                }
+                let port = https_port(slice.ports.iter().map(|p| (p.name.as_deref(), p.port)));
+                for ep in &slice.endpoints {
+                    // An unknown (absent) condition counts as ready, as the
+                    // EndpointSlice API defines.
+                    if ep.conditions.ready == Some(false) {
+                        continue;
+                    }
+                    for a in &ep.addresses {
+                        consider(a, port, &mut found, &mut refused);
+                    }
+                }
+            }
+            Api::Endpoints => {
+                let Ok(ep) = serde_json::from_value::<Endpoints>(obj.clone()) else { continue };
+                for subset in &ep.subsets {
+                    let port = https_port(subset.ports.iter().map(|p| (p.name.as_deref(), p.port)));
+                    for a in &subset.addresses {
+                        consider(&a.ip, port, &mut found, &mut refused);
+                    }
+                }
+            }
+        }
+    }
+    found.sort_by_key(|a| (a.host_str(), a.port));
+    found.dedup();
+    (found, refused)
+}
+
+fn https_port<'a>(ports: impl Iterator<Item = (Option<&'a str>, Option<u16>)>) -> Option<u16> {
+    let ports: Vec<_> = ports.collect();
+    ports
+        .iter()
+        .find(|(n, _)| *n == Some("https"))
+        .or_else(|| if ports.len() == 1 { ports.first() } else { None })
+        .and_then(|(_, p)| *p)
+        .filter(|p| *p != 0)
+}
+
+#[derive(Deserialize)]
+struct List {
+    #[serde(default)]
+    metadata: Meta,
+    #[serde(default)]
+    items: Vec<serde_json::Value>,
+}
+
+#[derive(Deserialize, Default)]
+struct Meta {
+    #[serde(default)]
+    name: String,
+    #[serde(rename = "resourceVersion", default)]
+    resource_version: String,
+}
+
+#[derive(Deserialize)]
+struct WatchEvent {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    object: serde_json::Value,
+}
+
+#[derive(Deserialize)]
+struct Slice {
+    #[serde(default)]
+    metadata: Meta,
+    #[serde(rename = "addressType", default)]
+    address_type: String,
+    #[serde(default)]
+    endpoints: Vec<SliceEndpoint>,
+    #[serde(default)]
+    ports: Vec<NamedPort>,
+}
+
+#[derive(Deserialize)]
+struct SliceEndpoint {
+    #[serde(default)]
+    addresses: Vec<String>,
+    #[serde(default)]
+    conditions: Conditions,
+}
+
+#[derive(Deserialize, Default)]
+struct Conditions {
+    ready: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct NamedPort {
+    name: Option<String>,
+    port: Option<u16>,
+}
+
+#[derive(Deserialize)]
+struct Endpoints {
+    #[serde(default)]
+    subsets: Vec<Subset>,
+}
+
+#[derive(Deserialize)]
+struct Subset {
+    #[serde(default)]
+    addresses: Vec<EndpointAddress>,
+    #[serde(default)]
+    ports: Vec<NamedPort>,
+}
+
+#[derive(Deserialize)]
+struct EndpointAddress {
+    ip: String,
+}
+
+/// Requests to the API with the kubeconfig's credential.
+struct Client {
+    access: KubeAccess,
+    connect: SocketAddr,
+    server_name: ServerName<'static>,
+}
+
+/// The kubeconfig to use: the configured one, or the first well-known one
+/// that exists.
+pub fn kubeconfig_path(settings: &KubernetesDiscovery) -> Result<PathBuf, String> {
+    if let Some(p) = &settings.kubeconfig {
+        return Ok(p.clone());
+    }
+    DEFAULT_DISCOVERY_KUBECONFIGS
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .ok_or_else(|| {
+            format!(
+                "no kubeconfig yet (looked for {}; set discovery.kubernetes.kubeconfig)",
+                DEFAULT_DISCOVERY_KUBECONFIGS.join(", ")
+            )
+        })
+}
+
+impl Client {
+    fn new(opts: &Options) -> Result<Client, String> {
+        let path = kubeconfig_path(&opts.settings)?;
+        if !path.exists() {
+            return Err(format!("kubeconfig {} does not exist (yet)", path.display()));
+        }
+        let access = kubeconfig::load(&path).map_err(|e| e.to_string())?;
+        let (connect, name) = match opts.settings.via {
+            Via::Local => (opts.local, access.tls_server_name.clone().unwrap_or_else(|| opts.server_name.clone())),
+            Via::Kubeconfig => (
+                access.server_addr()?,
+                access.tls_server_name.clone().unwrap_or_else(|| access.server_host.clone()),
+            ),
+        };
+        let server_name = ServerName::try_from(name.clone()).map_err(|_| format!("{name:?} is not a valid server name"))?;
+        Ok(Client { access, connect, server_name })
+    }
+
+    /// GET on a new connection; returns the status and the body.
+    async fn get(&self, path: &str) -> Result<(u16, Incoming), String> {
+        let exchange = async {
+            let tcp = TcpStream::connect(self.connect).await.map_err(|e| format!("connect {}: {e}", self.connect))?;
+            let _ = tcp.set_nodelay(true);
+            let tls = tokio_rustls::TlsConnector::from(self.access.tls.clone())
+                .connect(self.server_name.clone(), tcp)
+                .await
+                .map_err(|e| format!("TLS to {}: {e}", self.connect))?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            let mut req = Request::get(path)
+                .header("host", self.access.server.as_str())
+                .header("accept", "application/json")
+                .header("user-agent", concat!("apilb/", env!("CARGO_PKG_VERSION")));
+            if let Some(t) = &self.access.token {
+                req = req.header("authorization", format!("Bearer {}", t.expose()));
+            }
+            let req = req.body(Empty::<Bytes>::new()).map_err(|e| e.to_string())?;
+            let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>((resp.status().as_u16(), resp.into_body()))
+        };
+        tokio::time::timeout(Duration::from_secs(10), exchange)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer from {} within 10s", self.connect)))
+    }
+}
+
+async fn read_all(mut body: Incoming, limit: usize) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        if let Some(data) = frame.data_ref() {
+            out.extend_from_slice(data);
+            if out.len() > limit {
+                return Err(format!("response larger than {limit} bytes"));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Splits a streaming body into lines (watch events are one per line).
+struct LineReader {
+    body: Incoming,
+    buf: Vec<u8>,
+}
+
+impl LineReader {
+    async fn next(&mut self) -> Result<Option<Vec<u8>>, String> {
+        loop {
+            if let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=i).collect();
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                return Ok(Some(line));
+            }
+            match self.body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        self.buf.extend_from_slice(data);
+                        if self.buf.len() > (8 << 20) {
+                            return Err("a watch event larger than 8 MiB".into());
+                        }
+                    }
+                }
+                Some(Err(e)) => return Err(e.to_string()),
+                None if self.buf.iter().all(u8::is_ascii_whitespace) => return Ok(None),
+                None => return Ok(Some(std::mem::take(&mut self.buf))),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slice(json: &str) -> serde_json::Value {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn takes_ready_addresses_with_the_https_port_and_refuses_the_rest() {
+        let s = slice(
+            r#"{"metadata":{"name":"kubernetes"},"addressType":"IPv4",
+                "endpoints":[{"addresses":["10.0.0.2"],"conditions":{"ready":true}},
+                             {"addresses":["10.0.0.1"]},
+                             {"addresses":["10.0.0.3"],"conditions":{"ready":false}},
+                             {"addresses":["192.168.9.9"],"conditions":{"ready":true}},
+                             {"addresses":["not-an-ip"],"conditions":{"ready":true}}],
+                "ports":[{"name":"https","port":6443,"protocol":"TCP"}]}"#,
+        );
+        let allowed: Vec<Cidr> = vec!["10.0.0.0/8".parse().unwrap()];
+        let (found, refused) = ready_addresses([&s].into_iter(), Api::EndpointSlices, &allowed);
+        let found: Vec<String> = found.iter().map(ToString::to_string).collect();
+        assert_eq!(found, ["10.0.0.1:6443", "10.0.0.2:6443"]);
+        assert_eq!(refused.len(), 2);
+        assert!(refused[0].contains("192.168.9.9: outside discovery.kubernetes.allowed_cidrs (10.0.0.0/8)"));
+        assert!(refused[1].contains("not-an-ip: not an IP address"));
+    }
+
+    #[test]
+    fn reads_endpoints_of_old_clusters() {
+        let e = slice(
+            r#"{"metadata":{"name":"kubernetes"},"subsets":[{"addresses":[{"ip":"10.0.0.5"},{"ip":"10.0.0.4"}],
+                "notReadyAddresses":[{"ip":"10.0.0.6"}],"ports":[{"name":"https","port":443}]}]}"#,
+        );
+        let (found, _) = ready_addresses([&e].into_iter(), Api::Endpoints, &[]);
+        let found: Vec<String> = found.iter().map(ToString::to_string).collect();
+        assert_eq!(found, ["10.0.0.4:443", "10.0.0.5:443"]);
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_and_caps() {
+        let mut b = Backoff::new();
+        let d: Vec<Duration> = (0..10).map(|_| b.next()).collect();
+        assert!(d[0] >= Duration::from_millis(250) && d[0] < Duration::from_millis(750));
+        assert!(d[9] >= Duration::from_secs(15) && d[9] < Duration::from_secs(45));
+        b.reset();
+        assert!(b.next() < Duration::from_millis(750));
+    }
+}

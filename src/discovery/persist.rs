@@ -1,0 +1,85 @@
+//! The last applied master set, kept in the state directory so a node whose
+//! static seeds are all gone still reaches the cluster after a restart.
+//!
+//! A missing file is normal; a corrupt or unreadable one is reported and
+//! ignored, never fatal: the static seeds still work.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Address, Master};
+use crate::fsutil;
+
+/// The file's format.
+#[derive(Serialize, Deserialize)]
+struct File {
+    /// Format version, 1.
+    version: u32,
+    /// When it was written (Unix seconds).
+    saved_at: u64,
+    /// The masters.
+    masters: Vec<Entry>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Entry {
+    name: String,
+    address: String,
+}
+
+/// Reads the saved set. `Err` carries a warning for the log; the caller
+/// goes on without it.
+pub fn load(path: &Path) -> Result<Vec<Master>, String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let file: File = serde_json::from_str(&text).map_err(|e| format!("{} is corrupt: {e}", path.display()))?;
+    if file.version != 1 {
+        return Err(format!("{} has unknown format version {}", path.display(), file.version));
+    }
+    let mut masters = Vec::with_capacity(file.masters.len());
+    for e in file.masters {
+        let address: Address = e.address.parse().map_err(|err| format!("{} is corrupt: {err}", path.display()))?;
+        masters.push(Master { name: e.name, address });
+    }
+    Ok(masters)
+}
+
+/// Saves the set atomically (0600).
+pub fn save(path: &Path, masters: &[Master]) -> std::io::Result<()> {
+    let saved_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let file = File {
+        version: 1,
+        saved_at,
+        masters: masters.iter().map(|m| Entry { name: m.name.clone(), address: m.address.to_string() }).collect(),
+    };
+    let json = serde_json::to_vec_pretty(&file).map_err(std::io::Error::other)?;
+    fsutil::write_atomic(path, &json, 0o600)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_tolerates_missing_and_corrupt_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("masters.json");
+        assert_eq!(load(&p).unwrap(), vec![]);
+        let m = vec![Master { name: "10.0.0.1".into(), address: "10.0.0.1:6443".parse().unwrap() }];
+        save(&p, &m).unwrap();
+        assert_eq!(load(&p).unwrap(), m);
+        std::fs::write(&p, "{not json").unwrap();
+        assert!(load(&p).unwrap_err().contains("is corrupt"));
+        std::fs::write(&p, r#"{"version":1,"saved_at":0,"masters":[{"name":"x","address":"nope"}]}"#).unwrap();
+        assert!(load(&p).unwrap_err().contains("has no port"));
+        std::fs::write(&p, r#"{"version":9,"saved_at":0,"masters":[]}"#).unwrap();
+        assert!(load(&p).unwrap_err().contains("unknown format version 9"));
+    }
+}
