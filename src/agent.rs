@@ -25,16 +25,19 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior, interval, sleep, sleep_until};
 
+use crate::discovery::{self, persist};
 use crate::fsutil;
 use crate::haproxy::output::Output;
+use crate::haproxy::runtime;
 use crate::haproxy::stat::{ServerState, Stats};
 use crate::haproxy::supervisor::{Haproxy, ReloadError, SupervisorError, alive};
 use crate::haproxy::{Binary, BinaryError, Version};
 use crate::http::{self, HttpState};
 use crate::inputs::Verify;
+use crate::masters::{Source, Sources};
 use crate::metrics::{Metrics, ServerCounters};
-use crate::render::{FALLBACK_SUFFIX, Paths, Rendered};
-use crate::status::{CheckStatus, MasterStatus, ReloadRecord, Status};
+use crate::render::{CheckPlan, FALLBACK_SUFFIX, Paths, Rendered};
+use crate::status::{CheckStatus, DiscoveryStatus, MasterStatus, ReloadRecord, Status};
 use crate::systemd;
 use crate::{LoadError, Loaded};
 
@@ -229,6 +232,36 @@ struct Agent {
     heartbeat: Arc<AtomicU64>,
     states: HashMap<String, ServerState>,
     check_statuses: HashMap<String, String>,
+    /// Seeds, persisted and discovered masters: what the set is made of.
+    sources: Sources,
+    /// The discovery watcher, when configured.
+    discovery: Option<JoinHandle<()>>,
+    /// Its reports.
+    discovery_rx: Option<mpsc::Receiver<discovery::Update>>,
+    /// Removed masters still draining: name → when they are deleted
+    /// whatever their sessions.
+    draining: HashMap<String, Instant>,
+    /// The last discovery problem logged, so it is logged once.
+    last_discovery_problem: Option<String>,
+}
+
+/// The config with the masters of the current policy (see `masters`).
+fn effective(
+    mut config: crate::config::Config,
+    inputs: crate::inputs::Inputs,
+    sources: &Sources,
+    paths: &Paths,
+) -> Loaded {
+    config.masters = sources.desired();
+    crate::assemble(config, inputs, paths)
+}
+
+/// True when two renders differ only in `server` lines, so the runtime API
+/// can make the change without a reload.
+fn only_servers_differ(old: &str, new: &str) -> bool {
+    let rest =
+        |t: &str| t.lines().filter(|l| !l.trim_start().starts_with("server ")).collect::<Vec<_>>().join("\n");
+    rest(old) == rest(new)
 }
 
 fn unix_now() -> f64 {
@@ -243,9 +276,24 @@ fn applied_marker(paths: &Paths) -> PathBuf {
 /// endpoint, adopts or starts HAProxy and waits until the frontend accepts
 /// connections. Config errors are reported before anything is bound.
 pub async fn start(opts: Options) -> Result<Handle, AgentError> {
-    let loaded = crate::load(&opts.config_path, None)?;
+    let (yaml, inputs) = crate::load_parts(&opts.config_path)?;
+    let paths = Paths::from_config(&yaml);
+    let mut sources = Sources { seeds: yaml.masters.clone(), persisted: Vec::new(), discovered: None };
+    if yaml.discovery.kubernetes.is_some() {
+        match persist::load(&paths.masters_file()) {
+            Ok(saved) if !saved.is_empty() => {
+                tracing::info!(
+                    count = saved.len(),
+                    "using the masters saved by the previous run as candidates too"
+                );
+                sources.persisted = saved;
+            }
+            Ok(_) => {}
+            Err(warning) => tracing::warn!("{warning}; ignoring it"),
+        }
+    }
+    let loaded = effective(yaml, inputs, &sources, &paths);
     let config = &loaded.config;
-    let paths = Paths::from_config(config);
     let binary = Binary::new(&config.haproxy.binary);
     let version = binary.version().await.map_err(AgentError::Binary)?;
 
@@ -263,6 +311,9 @@ pub async fn start(opts: Options) -> Result<Handle, AgentError> {
     let metrics = Arc::new(Metrics::new());
     for result in ["success", "invalid_config", "refused", "failed"] {
         metrics.haproxy_reloads_total.with_label_values(&[result]);
+    }
+    for method in ["runtime", "reload"] {
+        metrics.master_changes_total.with_label_values(&[method]);
     }
     metrics.build_info.with_label_values(&[env!("CARGO_PKG_VERSION"), &version.full]).set(1);
 
@@ -324,12 +375,18 @@ pub async fn start(opts: Options) -> Result<Handle, AgentError> {
         heartbeat: heartbeat.clone(),
         states: HashMap::new(),
         check_statuses: HashMap::new(),
+        sources,
+        discovery: None,
+        discovery_rx: None,
+        draining: HashMap::new(),
+        last_discovery_problem: None,
         opts,
     };
     agent.mark_applied();
+    agent.restart_discovery();
     if stale_adoption {
         tracing::info!("the adopted HAProxy runs an older config than apilb.yaml describes; reloading");
-        match crate::load(&agent.opts.config_path, None) {
+        match agent.load_effective() {
             Ok(loaded) => agent.apply(loaded, "config changed while no agent was running").await,
             Err(e) => agent.refuse("invalid_config", e.to_string(), true),
         }
@@ -425,7 +482,17 @@ impl Agent {
                     _ => std::future::pending().await,
                 }
             };
+            let discovered = async {
+                match self.discovery_rx.as_mut() {
+                    Some(rx) => match rx.recv().await {
+                        Some(u) => u,
+                        None => std::future::pending().await,
+                    },
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
+                update = discovered => self.on_discovery(update).await,
                 c = control.recv() => match c.unwrap_or(Control::Shutdown) {
                     Control::Reload => self.reload_now().await,
                     Control::Handover => return self.handover(),
@@ -442,7 +509,7 @@ impl Agent {
     /// SIGHUP: apply the config file now, without waiting for it to settle.
     async fn reload_now(&mut self) {
         systemd::notify("RELOADING=1");
-        match crate::load(&self.opts.config_path, None) {
+        match self.load_effective() {
             Ok(loaded) if loaded.rendered.hash == self.running.hash => {
                 tracing::info!(
                     config = loaded.rendered.short_hash(),
@@ -460,7 +527,7 @@ impl Agent {
     /// Every second: re-render, and apply a change once two consecutive
     /// reads agree (so a file caught mid-write is not applied).
     async fn watch_config(&mut self) {
-        match crate::load(&self.opts.config_path, None) {
+        match self.load_effective() {
             Ok(loaded) => {
                 let hash = loaded.rendered.hash.clone();
                 if self.refused_hash.as_deref() == Some(&hash) {
@@ -566,6 +633,10 @@ impl Agent {
     }
 
     fn accept(&mut self, loaded: Loaded) {
+        let old = &self.applied.loaded.config;
+        let discovery_changed = old.discovery != loaded.config.discovery
+            || old.listen != loaded.config.listen
+            || old.health.tls.server_name() != loaded.config.health.tls.server_name();
         self.metrics.config_info.reset();
         self.running = Running::of(&loaded.rendered);
         self.refused_hash = None;
@@ -576,6 +647,9 @@ impl Agent {
             Some(ReloadRecord { at: unix_now(), result: "success".into(), message: None });
         self.clear_error();
         self.remove_unused_files();
+        if discovery_changed {
+            self.restart_discovery();
+        }
     }
 
     /// Records the config in effect in metrics and status.
@@ -613,9 +687,213 @@ impl Agent {
             self.states.remove(&gone);
         }
         self.metrics.master_info.reset();
+        let mut by_source: HashMap<Source, i64> = HashMap::new();
         for m in masters {
-            self.metrics.master_info.with_label_values(&[&m.name, &m.address.to_string(), "static"]).set(1);
+            let source = self.sources.source_of(m);
+            *by_source.entry(source).or_default() += 1;
+            self.metrics
+                .master_info
+                .with_label_values(&[&m.name, &m.address.to_string(), source.as_str()])
+                .set(1);
             self.metrics.init_master(&m.name);
+        }
+        for s in Source::ALL {
+            self.metrics
+                .masters_by_source
+                .with_label_values(&[s.as_str()])
+                .set(by_source.get(&s).copied().unwrap_or(0));
+        }
+        // Keep what discovery taught us for the next start.
+        if self.sources.discovered.is_some()
+            && a.loaded.config.discovery.kubernetes.is_some()
+            && let Err(e) = persist::save(&self.paths.masters_file(), masters)
+        {
+            tracing::warn!(error = %e, "cannot save the master set; the next start uses the seeds only");
+        }
+    }
+
+    /// Loads apilb.yaml and its files and renders them with the masters of
+    /// the current policy.
+    fn load_effective(&mut self) -> Result<Loaded, LoadError> {
+        let (yaml, inputs) = crate::load_parts(&self.opts.config_path)?;
+        self.sources.seeds.clone_from(&yaml.masters);
+        if yaml.discovery.kubernetes.is_none() {
+            self.sources.persisted.clear();
+            self.sources.discovered = None;
+        }
+        Ok(effective(yaml, inputs, &self.sources, &self.paths))
+    }
+
+    /// (Re)starts the discovery watcher for the config in effect.
+    fn restart_discovery(&mut self) {
+        self.stop_discovery();
+        let config = &self.applied.loaded.config;
+        let Some(settings) = config.discovery.kubernetes.clone() else {
+            self.status.discovery = None;
+            return;
+        };
+        let (tx, rx) = mpsc::channel(16);
+        let opts = discovery::Options {
+            settings,
+            local: crate::status_client::target(config.listen.0),
+            server_name: config.health.tls.server_name().to_owned(),
+            watch_timeout: Duration::from_secs(290),
+        };
+        self.discovery = Some(discovery::spawn(opts, tx));
+        self.discovery_rx = Some(rx);
+        self.status.discovery.get_or_insert_with(DiscoveryStatus::default);
+    }
+
+    fn stop_discovery(&mut self) {
+        if let Some(task) = self.discovery.take() {
+            task.abort();
+        }
+        self.discovery_rx = None;
+    }
+
+    /// A report from the discovery watcher.
+    async fn on_discovery(&mut self, update: discovery::Update) {
+        let status = self.status.discovery.get_or_insert_with(DiscoveryStatus::default);
+        match update {
+            discovery::Update::Found { addresses, refused, api } => {
+                let now = unix_now();
+                status.api = api.to_owned();
+                status.last_success = Some(now);
+                status.last_error = None;
+                self.metrics.discovery_last_success_timestamp_seconds.set(now);
+                if !refused.is_empty() && status.refused != refused {
+                    tracing::warn!("discovery refused addresses the API listed: {}", refused.join("; "));
+                }
+                status.refused = refused;
+                self.last_discovery_problem = None;
+                if self.sources.discovered.is_none() {
+                    tracing::info!(
+                        api,
+                        count = addresses.len(),
+                        "discovery succeeded; the discovered API servers replace the static seeds"
+                    );
+                }
+                self.sources.discovered = Some(addresses);
+                self.apply_masters().await;
+            }
+            discovery::Update::Restarted(why) => {
+                status.watch_restarts += 1;
+                status.last_error = Some(why.clone());
+                self.metrics.discovery_watch_restarts_total.inc();
+                tracing::warn!("discovery watch restarted: {why}");
+            }
+            discovery::Update::Failing(why) => {
+                status.last_error = Some(why.clone());
+                if self.last_discovery_problem.as_deref() != Some(&why) {
+                    tracing::warn!("discovery: {why}");
+                    self.last_discovery_problem = Some(why);
+                }
+            }
+        }
+        self.publish();
+    }
+
+    /// Brings HAProxy's masters in line with the policy: through the
+    /// runtime API when only servers change, else by a validated reload.
+    async fn apply_masters(&mut self) {
+        let desired = self.sources.desired();
+        if desired == self.applied.loaded.config.masters {
+            // Same servers; sources may have changed (static → discovered).
+            self.mark_applied();
+            return;
+        }
+        let mut config = self.applied.loaded.config.clone();
+        config.masters = desired;
+        let loaded = crate::assemble(config, self.applied.loaded.inputs.clone(), &self.paths);
+        let change = runtime::diff(&self.applied.loaded.config.masters, &loaded.config.masters);
+        let runtime_ok = self.haproxy.is_some()
+            && only_servers_differ(&self.running.text, &loaded.rendered.text)
+            && change.added.iter().all(|m| !m.address.is_dns());
+        if runtime_ok {
+            match self.apply_runtime(&loaded, &change).await {
+                Ok(()) => {
+                    let names = |v: Vec<String>| if v.is_empty() { "-".to_owned() } else { v.join(", ") };
+                    tracing::info!(
+                        added = %names(change.added.iter().map(|m| format!("{} ({})", m.name, m.address)).collect()),
+                        removed = %names(change.removed.clone()),
+                        config = loaded.rendered.short_hash(),
+                        "masters changed through HAProxy's runtime API (no reload); removed ones drain"
+                    );
+                    self.metrics
+                        .master_changes_total
+                        .with_label_values(&["runtime"])
+                        .inc_by(change.len() as u64);
+                    self.running = Running::of(&loaded.rendered);
+                    self.applied = Applied { loaded, at: SystemTime::now() };
+                    self.metrics.config_info.reset();
+                    self.mark_applied();
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!("cannot change the masters at run time ({e}); falling back to a reload")
+                }
+            }
+        }
+        let hash = loaded.rendered.hash.clone();
+        self.apply(loaded, "the master set changed").await;
+        if self.running.hash == hash {
+            self.metrics.master_changes_total.with_label_values(&["reload"]).inc_by(change.len() as u64);
+            // A reload dropped the draining servers from the new worker.
+            self.draining.clear();
+        }
+    }
+
+    /// Validates the new file, adds and drains servers through the runtime
+    /// API, then puts the file in place so a restart yields the same set.
+    async fn apply_runtime(&mut self, loaded: &Loaded, change: &runtime::Change) -> Result<(), String> {
+        let staged = stage_and_validate(&self.binary, &self.paths, &loaded.rendered)
+            .await
+            .map_err(|e| e.to_string())?;
+        let h = self.haproxy.as_ref().ok_or("HAProxy is not running")?;
+        let plan = CheckPlan::new(&loaded.config, &loaded.inputs, &self.paths);
+        let (back, fresh): (Vec<_>, Vec<_>) =
+            change.added.iter().cloned().partition(|m| self.draining.contains_key(&m.name));
+        for m in &back {
+            runtime::undrain(h, &m.name).await.map_err(|e| e.to_string())?;
+            self.draining.remove(&m.name);
+        }
+        let health = &loaded.config.health;
+        let wait = health.interval.std() + health.timeout.std() + Duration::from_millis(500);
+        let haproxy = self.haproxy.as_ref().ok_or("HAProxy is not running")?;
+        runtime::add(haproxy, &plan, &fresh, wait).await.map_err(|e| e.to_string())?;
+        let limit = loaded.config.haproxy.hard_stop_after.std();
+        for name in &change.removed {
+            runtime::drain(haproxy, name).await.map_err(|e| e.to_string())?;
+            self.draining.insert(name.clone(), Instant::now() + limit);
+        }
+        promote(&self.paths, &staged, &loaded.rendered).map_err(|e| e.to_string())
+    }
+
+    /// Deletes removed masters once their sessions are gone (or the drain
+    /// limit, `haproxy.hard_stop_after`, has passed).
+    async fn finish_draining(&mut self, stats: &Stats) {
+        let Some(h) = &self.haproxy else { return };
+        let mut done = Vec::new();
+        for (name, deadline) in &self.draining {
+            let twin = format!("{name}{FALLBACK_SUFFIX}");
+            let rows: Vec<_> = stats.servers.iter().filter(|s| &s.name == name || s.name == twin).collect();
+            if rows.is_empty() {
+                done.push(name.clone());
+                continue;
+            }
+            let sessions: u64 = rows.iter().map(|s| s.sessions).sum();
+            if sessions == 0 || Instant::now() >= *deadline {
+                match runtime::delete(h, name).await {
+                    Ok(()) => {
+                        tracing::info!(master = %name, cut = sessions, "removed master deleted from HAProxy");
+                        done.push(name.clone());
+                    }
+                    Err(e) => tracing::warn!(master = %name, "cannot delete a removed master yet: {e}"),
+                }
+            }
+        }
+        for name in done {
+            self.draining.remove(&name);
         }
     }
 
@@ -731,7 +1009,10 @@ impl Agent {
         self.status.haproxy.version = self.version.full.clone();
         self.metrics.haproxy_up.set(i64::from(proc.is_ok()));
         match stats {
-            Ok(stats) => self.observe(&stats),
+            Ok(stats) => {
+                self.observe(&stats);
+                self.finish_draining(&stats).await;
+            }
             Err(e) => {
                 self.metrics.poll_errors_total.inc();
                 tracing::warn!(error = %e, "cannot read HAProxy's server states");
@@ -754,7 +1035,7 @@ impl Agent {
             let mut ms = MasterStatus {
                 name: m.name.clone(),
                 address: m.address.to_string(),
-                source: "static".into(),
+                source: self.sources.source_of(m).as_str().into(),
                 state: "unknown".into(),
                 fallback_sessions: twin.map(|t| t.sessions).unwrap_or(0),
                 ..MasterStatus::default()
@@ -832,6 +1113,24 @@ impl Agent {
             }
             masters.push(ms);
         }
+        // Removed masters still finishing their connections.
+        for name in self.draining.keys() {
+            if let Some(row) =
+                stats.servers.iter().find(|s| s.backend == crate::render::BACKEND && &s.name == name)
+            {
+                masters.push(MasterStatus {
+                    name: name.clone(),
+                    address: row.addr.clone(),
+                    source: "removed (draining)".into(),
+                    state: row.state().as_str().into(),
+                    check_status: row.check_status.clone(),
+                    check_desc: row.check_desc.clone(),
+                    check_code: row.check_code,
+                    sessions: row.sessions,
+                    ..MasterStatus::default()
+                });
+            }
+        }
         self.status.masters = masters;
         let healthy = self.status.healthy();
         self.metrics.masters_healthy.set(healthy as i64);
@@ -856,7 +1155,8 @@ impl Agent {
         self.status_tx.send_replace(self.status.clone());
     }
 
-    fn handover(self) -> Exit {
+    fn handover(mut self) -> Exit {
+        self.stop_discovery();
         let pid = self.haproxy.as_ref().map(Haproxy::pid);
         tracing::info!(?pid, "handing over: exiting and leaving HAProxy running for the next agent to adopt");
         Exit::HandedOver
@@ -864,6 +1164,7 @@ impl Agent {
 
     async fn shutdown(mut self, control: &mut mpsc::Receiver<Control>) -> Exit {
         systemd::notify("STOPPING=1");
+        self.stop_discovery();
         let Some(h) = self.haproxy.take() else {
             return Exit::Stopped;
         };

@@ -99,6 +99,115 @@ pub struct Config {
     /// Where HAProxy lives and where apilb keeps its files.
     #[serde(default)]
     pub haproxy: HaproxySettings,
+    /// Learning the masters from the cluster; off unless present.
+    #[serde(default)]
+    pub discovery: Discovery,
+}
+
+/// Where masters can be learned from.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Discovery {
+    /// Watch the `default/kubernetes` EndpointSlices.
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesDiscovery>,
+}
+
+/// Watching the API servers' own endpoints.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesDiscovery {
+    /// A kubeconfig whose identity may list and watch EndpointSlices in
+    /// `default`. Default: the first that exists of the k3s and RKE2
+    /// kube-proxy kubeconfigs (`system:kube-proxy`, bound to
+    /// `system:node-proxier`).
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
+    /// How to reach the API: through apilb's own frontend (`local`, the
+    /// default: it needs no other route and survives the loss of any
+    /// master) or at the kubeconfig's server (`kubeconfig`).
+    #[serde(default)]
+    pub via: Via,
+    /// Addresses outside these networks are refused (e.g. the masters'
+    /// subnet). Empty: any address.
+    #[serde(default)]
+    pub allowed_cidrs: Vec<Cidr>,
+}
+
+/// The kubeconfigs tried, in order, when `discovery.kubernetes.kubeconfig`
+/// is not set.
+pub const DEFAULT_DISCOVERY_KUBECONFIGS: [&str; 2] =
+    ["/var/lib/rancher/k3s/agent/kubeproxy.kubeconfig", "/var/lib/rancher/rke2/agent/kubeproxy.kubeconfig"];
+
+/// Where discovery sends its requests.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    /// apilb's own frontend (`listen`).
+    #[default]
+    Local,
+    /// The `server` of the kubeconfig.
+    Kubeconfig,
+}
+
+/// An IP network, `10.0.0.0/8` or `fd00::/64`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(into = "String")]
+pub struct Cidr {
+    /// The network address.
+    pub addr: IpAddr,
+    /// The prefix length.
+    pub prefix: u8,
+}
+
+impl Cidr {
+    /// True when `ip` is inside the network.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl From<Cidr> for String {
+    fn from(c: Cidr) -> String {
+        c.to_string()
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("\"{s}\" is not a network like 10.0.0.0/8 or fd00::/64");
+        let (addr, prefix) = s.split_once('/').ok_or_else(bad)?;
+        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+        let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        if prefix > max {
+            return Err(format!("\"{s}\": the prefix length is at most {max}"));
+        }
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        de_str(d, str::parse, "a network such as 10.0.0.0/8")
+    }
 }
 
 fn default_listen() -> Listen {

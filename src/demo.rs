@@ -53,6 +53,7 @@ pub async fn run(binary: &str) -> Result<(), DemoError> {
         auth: LabAuth::ClientCert,
         listen_port: Some(16443),
         metrics_port: Some(9716),
+        cluster: None,
     })
     .await?;
     let yaml = lab.config_yaml(&format!("  binary: {binary}\n"));

@@ -3,11 +3,11 @@
 //! anonymous auth off (like k3s), a node credential, and an apilb.yaml in a
 //! private temporary directory.
 
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::{IpAddr, SocketAddr, TcpListener as StdListener};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::testapi::{ApiServer, ApiServerOptions, Auth, CertPair, Pki, TestApiError};
+use crate::testapi::{ApiServer, ApiServerOptions, Auth, CertPair, Cluster, Pki, TestApiError};
 
 /// How the lab's check authenticates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,11 +31,29 @@ pub struct LabOptions {
     pub listen_port: Option<u16>,
     /// Preferred metrics port; a free one is used when it is taken.
     pub metrics_port: Option<u16>,
+    /// A cluster: the servers listen on 127.0.0.1…N at one port (as real
+    /// masters share 6443) and serve the `default/kubernetes` endpoints.
+    pub cluster: Option<ClusterKind>,
+}
+
+/// Which endpoints API a lab cluster serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClusterKind {
+    /// discovery.k8s.io/v1 EndpointSlices.
+    EndpointSlices,
+    /// Only v1 Endpoints (an old cluster).
+    EndpointsOnly,
 }
 
 impl Default for LabOptions {
     fn default() -> Self {
-        LabOptions { masters: 3, auth: LabAuth::ClientCert, listen_port: None, metrics_port: None }
+        LabOptions {
+            masters: 3,
+            auth: LabAuth::ClientCert,
+            listen_port: None,
+            metrics_port: None,
+            cluster: None,
+        }
     }
 }
 
@@ -78,6 +96,28 @@ pub struct Lab {
     pub auth: LabAuth,
     /// Check settings used by [`Lab::config_yaml`].
     pub health: HealthSettings,
+    /// The cluster's endpoints, when the lab is a cluster.
+    pub cluster: Option<Arc<Cluster>>,
+    /// The servers' certificate.
+    serving: CertPair,
+    /// Who the servers let in.
+    server_auth: Auth,
+}
+
+/// 127.0.0.`i`.
+pub fn loopback(i: usize) -> IpAddr {
+    IpAddr::from([127, 0, 0, u8::try_from(i).unwrap_or(255)])
+}
+
+/// A port free on 127.0.0.1…`n`.
+fn shared_port(n: usize) -> std::io::Result<u16> {
+    for _ in 0..50 {
+        let port = free_port(None)?;
+        if (2..=n).all(|i| StdListener::bind(SocketAddr::new(loopback(i), port)).is_ok()) {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::other("no port free on every loopback address"))
 }
 
 /// A free TCP port on 127.0.0.1, preferring `preferred`.
@@ -97,21 +137,36 @@ impl Lab {
         let pki = Pki::new("apilb lab CA")?;
         let token = format!("lab-token-{}", std::process::id());
         let node_cert = pki.client_cert("system:node:lab-node", &["system:nodes"])?;
-        let serving = pki
-            .server_cert("kube-apiserver", &["kubernetes", "kubernetes.default", "localhost", "127.0.0.1"])?;
+        let loopbacks: Vec<String> = (1..=20).map(|i| format!("127.0.0.{i}")).collect();
+        let mut sans = vec!["kubernetes", "kubernetes.default", "localhost"];
+        sans.extend(loopbacks.iter().map(String::as_str));
+        let serving = pki.server_cert("kube-apiserver", &sans)?;
         let auth = Auth {
             anonymous: opts.auth == LabAuth::Anonymous,
             tokens: vec![token.clone()],
             client_ca_pem: Some(pki.ca_pem()),
         };
+        // A cluster's masters share a port on 127.0.0.1…N; other labs use
+        // any free port on 127.0.0.1.
+        let (cluster, port) = match opts.cluster {
+            Some(kind) => {
+                let port = shared_port(opts.masters.max(8))?;
+                let endpoints: Vec<(IpAddr, bool)> =
+                    (1..=opts.masters).map(|i| (loopback(i), true)).collect();
+                (Some(Cluster::new(port, &endpoints, kind == ClusterKind::EndpointSlices)), port)
+            }
+            None => (None, 0),
+        };
         let mut servers = Vec::with_capacity(opts.masters);
         for i in 1..=opts.masters {
+            let ip = if cluster.is_some() { loopback(i) } else { IpAddr::from([127, 0, 0, 1]) };
             servers.push(
                 ApiServer::start(ApiServerOptions {
                     name: format!("master-{i}"),
                     cert: serving.clone(),
                     auth: auth.clone(),
-                    bind: "127.0.0.1:0".parse().map_err(|e| TestApiError::Setup(format!("{e}")))?,
+                    bind: SocketAddr::new(ip, port),
+                    cluster: cluster.clone(),
                 })
                 .await?,
             );
@@ -128,6 +183,9 @@ impl Lab {
             node_cert,
             auth: opts.auth,
             health: HealthSettings::default(),
+            cluster,
+            serving,
+            server_auth: auth,
         };
         lab.write_files()?;
         lab.write_config(&lab.config_yaml(""))?;
@@ -150,7 +208,39 @@ impl Lab {
         write("ca.crt", &self.pki.ca_pem())?;
         write("node.crt", &self.node_cert.cert_pem)?;
         write("node.key", &self.node_cert.key_pem)?;
-        write("token", &format!("{}\n", self.token))
+        write("token", &format!("{}\n", self.token))?;
+        // Like k3s's kubeproxy.kubeconfig: paths relative to the file.
+        write(
+            "kubeconfig",
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: https://127.0.0.1:6444\n    \
+             certificate-authority: ca.crt\nusers:\n- name: node\n  user:\n    client-certificate: node.crt\n    \
+             client-key: node.key\ncontexts:\n- name: default\n  context:\n    cluster: local\n    user: node\n\
+             current-context: default\n",
+        )
+    }
+
+    /// The `discovery:` section pointing at the lab's kubeconfig.
+    pub fn discovery_yaml(&self, extra: &str) -> String {
+        format!(
+            "discovery:\n  kubernetes:\n    kubeconfig: {}/kubeconfig\n{extra}",
+            self.dir.path().display()
+        )
+    }
+
+    /// Starts another API server of the cluster at 127.0.0.`i` (not yet in
+    /// its endpoints); returns its index in `servers`.
+    pub async fn add_server(&mut self, i: usize) -> Result<usize, TestApiError> {
+        let port = self.servers.first().map(|s| s.addr().port()).unwrap_or(0);
+        let server = ApiServer::start(ApiServerOptions {
+            name: format!("master-{i}"),
+            cert: self.serving.clone(),
+            auth: self.server_auth.clone(),
+            bind: SocketAddr::new(loopback(i), port),
+            cluster: self.cluster.clone(),
+        })
+        .await?;
+        self.servers.push(server);
+        Ok(self.servers.len() - 1)
     }
 
     /// The `masters:` entries for the given servers.

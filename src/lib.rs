@@ -9,11 +9,13 @@
 pub mod agent;
 pub mod config;
 pub mod demo;
+pub mod discovery;
 pub mod fsutil;
 pub mod haproxy;
 pub mod http;
 pub mod inputs;
 pub mod lab;
+pub mod masters;
 pub mod metrics;
 pub mod probe;
 pub mod render;
@@ -49,9 +51,21 @@ pub struct Loaded {
 /// Loads the config at `path`, reads its files and renders it for `paths`
 /// (the config's own directories unless overridden, e.g. for validation).
 pub fn load(path: &Path, paths: Option<&render::Paths>) -> Result<Loaded, LoadError> {
+    let (config, inputs) = load_parts(path)?;
+    let paths = paths.cloned().unwrap_or_else(|| render::Paths::from_config(&config));
+    Ok(assemble(config, inputs, &paths))
+}
+
+/// Loads the config at `path` and reads its files, without rendering (the
+/// agent renders with the masters it has learned).
+pub fn load_parts(path: &Path) -> Result<(config::Config, inputs::Inputs), LoadError> {
     let config = config::Config::load(path)?;
     let inputs = inputs::Inputs::gather(&config)?;
-    let paths = paths.cloned().unwrap_or_else(|| render::Paths::from_config(&config));
-    let rendered = render::render(&config, &inputs, &paths);
-    Ok(Loaded { config, inputs, rendered })
+    Ok((config, inputs))
+}
+
+/// Renders a config and its inputs for `paths`.
+pub fn assemble(config: config::Config, inputs: inputs::Inputs, paths: &render::Paths) -> Loaded {
+    let rendered = render::render(&config, &inputs, paths);
+    Loaded { config, inputs, rendered }
 }

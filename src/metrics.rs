@@ -70,6 +70,15 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     /// Failed polls of HAProxy's runtime API.
     pub poll_errors_total: IntCounter,
+    /// Masters in use, by where they came from.
+    pub masters_by_source: IntGaugeVec,
+    /// When discovery last listed or watched successfully.
+    pub discovery_last_success_timestamp_seconds: Gauge,
+    /// Times the discovery watch had to start over.
+    pub discovery_watch_restarts_total: IntCounter,
+    /// Masters added or removed, by how: at run time (no reload) or by a
+    /// reload.
+    pub master_changes_total: IntCounterVec,
     /// Last raw values of HAProxy's per-server counters, by (master,
     /// counter), to turn them (they restart at 0 in each new worker) into
     /// monotonic ones.
@@ -254,6 +263,37 @@ impl Metrics {
                 r.register(Box::new(c.clone())).expect("unique metric name");
                 c
             },
+            masters_by_source: gauge_vec(
+                &r,
+                "apilb_masters",
+                "Masters in use, by source: static (apilb.yaml), discovered (the default/kubernetes \
+                 endpoints) or persisted (saved by the previous run).",
+                &["source"],
+            ),
+            discovery_last_success_timestamp_seconds: {
+                let g = Gauge::new(
+                    "apilb_discovery_last_success_timestamp_seconds",
+                    "When discovery last read the API servers' endpoints (Unix time); 0 if never.",
+                )
+                .expect("valid metric definition");
+                r.register(Box::new(g.clone())).expect("unique metric name");
+                g
+            },
+            discovery_watch_restarts_total: {
+                let c = IntCounter::new(
+                    "apilb_discovery_watch_restarts_total",
+                    "Times the discovery watch started over (expired resourceVersion, errors).",
+                )
+                .expect("valid metric definition");
+                r.register(Box::new(c.clone())).expect("unique metric name");
+                c
+            },
+            master_changes_total: counter_vec(
+                "apilb_master_changes_total",
+                "Masters added or removed, by method: runtime (HAProxy's runtime API, no reload) or \
+                 reload.",
+                &["method"],
+            ),
             last_raw: Mutex::new(HashMap::new()),
             registry: r,
         };

@@ -168,6 +168,12 @@ pub fn cert_info(der: &[u8]) -> Option<CertInfo> {
     })
 }
 
+/// A verifier that accepts any server certificate, for configurations that
+/// explicitly opt out of verification (`insecure-skip-tls-verify`).
+pub fn accept_any_certificate(provider: Arc<rustls::crypto::CryptoProvider>) -> Arc<dyn ServerCertVerifier> {
+    Arc::new(Recorder { inner: None, provider, seen: Mutex::new(None) })
+}
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     rustls::crypto::CryptoProvider::get_default()
         .cloned()

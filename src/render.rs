@@ -60,6 +60,10 @@ impl Paths {
     pub fn output_fifo(&self) -> PathBuf {
         self.runtime_dir.join("haproxy.out")
     }
+    /// The last applied master set (with discovery), for the next start.
+    pub fn masters_file(&self) -> PathBuf {
+        self.state_dir.join("masters.json")
+    }
     /// The server state HAProxy reloads with (`server-state-file`).
     pub fn server_state_file(&self) -> PathBuf {
         self.state_dir.join("servers.state")
@@ -149,7 +153,8 @@ pub struct CheckPlan {
 }
 
 impl CheckPlan {
-    fn new(config: &Config, inputs: &Inputs, paths: &Paths) -> Self {
+    /// The check settings of `config` with the files of `inputs`, laid out as in `paths`.
+    pub fn new(config: &Config, inputs: &Inputs, paths: &Paths) -> Self {
         let sni = config.health.tls.server_name();
         let tls = match &inputs.check.verify {
             Verify::Ca { path, .. } => {
@@ -345,7 +350,9 @@ pub fn render(config: &Config, inputs: &Inputs, paths: &Paths) -> Rendered {
         backend: BACKEND,
         balance: config.balance.as_str(),
         hash_consistent: config.balance == Balance::Source,
-        retries: config.masters.len().max(3),
+        // Constant, so the master set can change at run time without any
+        // line but the server lines changing.
+        retries: 3,
         check_send,
         check_expect,
         servers,

@@ -19,6 +19,24 @@ pub struct Status {
     pub check: CheckStatus,
     /// One entry per master, in config order.
     pub masters: Vec<MasterStatus>,
+    /// Discovery, when configured.
+    #[serde(default)]
+    pub discovery: Option<DiscoveryStatus>,
+}
+
+/// What discovery is doing.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct DiscoveryStatus {
+    /// `endpointslices` or `endpoints`, once known.
+    pub api: String,
+    /// When it last succeeded (seconds since the epoch).
+    pub last_success: Option<f64>,
+    /// The last problem, when the last attempt failed.
+    pub last_error: Option<String>,
+    /// Addresses the API listed but apilb refused, with the reason.
+    pub refused: Vec<String>,
+    /// Times the watch started over.
+    pub watch_restarts: u64,
 }
 
 /// The HAProxy process tree.
@@ -115,9 +133,14 @@ pub struct MasterStatus {
 }
 
 impl Status {
-    /// Masters currently UP.
+    /// Masters in rotation that are UP (removed, draining ones excluded).
     pub fn healthy(&self) -> usize {
-        self.masters.iter().filter(|m| m.state == "UP").count()
+        self.in_rotation().filter(|m| m.state == "UP").count()
+    }
+
+    /// The masters in the set (not the removed ones still draining).
+    pub fn in_rotation(&self) -> impl Iterator<Item = &MasterStatus> {
+        self.masters.iter().filter(|m| !m.source.starts_with("removed"))
     }
 
     /// `Ok` when the local endpoint serves through at least one healthy
@@ -132,7 +155,7 @@ impl Status {
         if self.healthy() == 0 {
             return Err(format!(
                 "no healthy master (0/{}); connections fail open to every master",
-                self.masters.len()
+                self.in_rotation().count()
             ));
         }
         Ok(())
@@ -140,7 +163,7 @@ impl Status {
 
     /// One line for systemd's STATUS=, e.g. "3/3 masters up".
     pub fn summary(&self) -> String {
-        let mut s = format!("{}/{} masters up", self.healthy(), self.masters.len());
+        let mut s = format!("{}/{} masters up", self.healthy(), self.in_rotation().count());
         if !self.haproxy.running {
             s = format!("HAProxy not running; {s}");
         }

@@ -192,6 +192,20 @@ pub fn render_table(s: &Status) -> String {
             r.message.as_ref().map(|m| format!(": {m}")).unwrap_or_default()
         );
     }
+    if let Some(d) = &s.discovery {
+        let when = match d.last_success {
+            Some(t) => format!("last success {}", ago(Some(t))),
+            None => "not succeeded yet (using the static seeds and the saved set)".to_owned(),
+        };
+        let api = if d.api.is_empty() { String::new() } else { format!(" ({})", d.api) };
+        let _ = writeln!(out, "Discovery{api}: {when}, {} watch restarts", d.watch_restarts);
+        if let Some(e) = &d.last_error {
+            let _ = writeln!(out, "  last problem: {e}");
+        }
+        for r in &d.refused {
+            let _ = writeln!(out, "  refused: {r}");
+        }
+    }
     if let Some(e) = &c.pending_error {
         let _ = writeln!(out, "NOT APPLIED: {e}");
     }

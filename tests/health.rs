@@ -183,6 +183,7 @@ async fn lab_with_cert(
         cert,
         auth: Auth { anonymous: false, tokens: vec![], client_ca_pem: Some(env.lab.pki.ca_pem()) },
         bind: "127.0.0.1:0".parse().unwrap(),
+        cluster: None,
     })
     .await
     .unwrap();
@@ -232,6 +233,7 @@ async fn probe_diagnoses_expiry_refusal_and_timeouts() {
         cert: expired,
         auth: Auth { anonymous: false, tokens: vec![], client_ca_pem: Some(env.lab.pki.ca_pem()) },
         bind: "127.0.0.1:0".parse().unwrap(),
+        cluster: None,
     })
     .await
     .unwrap();

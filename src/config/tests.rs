@@ -387,3 +387,32 @@ fn settings_hash_ignores_metrics_and_follows_everything_else() {
     assert_ne!(a.settings_hash(), c.settings_hash());
     assert_eq!(a.settings_hash().len(), 64);
 }
+
+#[test]
+fn discovery_settings() {
+    let c = parse(
+        "masters: [10.0.0.1:6443]\ndiscovery:\n  kubernetes:\n    allowed_cidrs: [10.0.0.0/8, \"fd00::/64\"]\n",
+    );
+    let k = c.discovery.kubernetes.unwrap();
+    assert_eq!(k.via, Via::Local);
+    assert!(k.kubeconfig.is_none());
+    assert!(k.allowed_cidrs[0].contains("10.1.2.3".parse().unwrap()));
+    assert!(!k.allowed_cidrs[0].contains("192.168.1.1".parse().unwrap()));
+    assert!(k.allowed_cidrs[1].contains("fd00::5".parse().unwrap()));
+    assert!(!k.allowed_cidrs[1].contains("10.1.2.3".parse().unwrap()));
+    assert!("0.0.0.0/0".parse::<Cidr>().unwrap().contains("8.8.8.8".parse().unwrap()));
+    assert!(parse("masters: [10.0.0.1:6443]\n").discovery.kubernetes.is_none());
+    err_has(
+        "masters: [10.0.0.1:6443]\ndiscovery:\n  kubernetes:\n    allowed_cidrs: [10.0.0.0/33]\n",
+        "discovery.kubernetes.allowed_cidrs[0]: \"10.0.0.0/33\": the prefix length is at most 32 at line 4",
+    );
+    err_has(
+        "masters: [10.0.0.1:6443]\ndiscovery:\n  kubernetes:\n    allowed_cidrs: [10.0.0.0]\n",
+        "is not a network like 10.0.0.0/8",
+    );
+    err_has(
+        "masters: [10.0.0.1:6443]\ndiscovery:\n  kubernetes:\n    via: dns\n",
+        "discovery.kubernetes.via: unknown variant `dns`",
+    );
+    err_has("masters: [10.0.0.1:6443]\ndiscovery:\n  consul: {}\n", "discovery: unknown field `consul`");
+}

@@ -109,7 +109,10 @@ pub struct KubeAccess {
 
 impl std::fmt::Debug for KubeAccess {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KubeAccess").field("path", &self.path).field("server", &self.server).finish_non_exhaustive()
+        f.debug_struct("KubeAccess")
+            .field("path", &self.path)
+            .field("server", &self.server)
+            .finish_non_exhaustive()
     }
 }
 
@@ -159,7 +162,9 @@ pub fn load(path: &Path) -> Result<KubeAccess, KubeconfigError> {
         builder.dangerous().with_custom_certificate_verifier(crate::probe::accept_any_certificate(provider))
     } else {
         let ca_pem = match (&cluster.ca_data, &cluster.ca_file) {
-            (Some(data), _) => decode_base64(data).map_err(|e| err(format!("certificate-authority-data: {e}")))?,
+            (Some(data), _) => {
+                decode_base64(data).map_err(|e| err(format!("certificate-authority-data: {e}")))?
+            }
             (None, Some(file)) => std::fs::read(resolve(file))
                 .map_err(|e| err(format!("certificate-authority {}: {e}", resolve(file).display())))?,
             (None, None) => return Err(err("the cluster has no certificate-authority".into())),
@@ -174,7 +179,10 @@ pub fn load(path: &Path) -> Result<KubeAccess, KubeconfigError> {
         builder.with_root_certificates(roots)
     };
 
-    let read = |data: &Option<String>, file: &Option<PathBuf>, what: &str| -> Result<Option<Vec<u8>>, KubeconfigError> {
+    let read = |data: &Option<String>,
+                file: &Option<PathBuf>,
+                what: &str|
+     -> Result<Option<Vec<u8>>, KubeconfigError> {
         match (data, file) {
             (Some(d), _) => decode_base64(d).map(Some).map_err(|e| err(format!("{what}-data: {e}"))),
             (None, Some(f)) => std::fs::read(resolve(f))
@@ -202,7 +210,8 @@ pub fn load(path: &Path) -> Result<KubeAccess, KubeconfigError> {
                     let chain = CertificateDer::pem_slice_iter(&cert)
                         .collect::<Result<Vec<_>, _>>()
                         .map_err(|e| err(format!("client certificate: {e}")))?;
-                    let key = PrivateKeyDer::from_pem_slice(&key).map_err(|e| err(format!("client key: {e}")))?;
+                    let key =
+                        PrivateKeyDer::from_pem_slice(&key).map_err(|e| err(format!("client key: {e}")))?;
                     auth = "client_cert";
                     builder.with_client_auth_cert(chain, key).map_err(|e| err(e.to_string()))?
                 }
@@ -228,9 +237,8 @@ pub fn load(path: &Path) -> Result<KubeAccess, KubeconfigError> {
 /// `https://host:port` → (`host:port`, `host`); IPv6 hosts keep brackets
 /// in the first and lose them in the second.
 fn parse_server(url: &str) -> Result<(String, String), String> {
-    let rest = url
-        .strip_prefix("https://")
-        .ok_or_else(|| format!("server {url:?} is not an https:// URL"))?;
+    let rest =
+        url.strip_prefix("https://").ok_or_else(|| format!("server {url:?} is not an https:// URL"))?;
     let authority = rest.split('/').next().unwrap_or_default();
     let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
         let (h, after) = v6.split_once(']').ok_or_else(|| format!("server {url:?}: unclosed '['"))?;
@@ -277,7 +285,14 @@ mod tests {
 
     #[test]
     fn base64_round_trips_known_vectors() {
-        for (enc, dec) in [("", ""), ("Zg==", "f"), ("Zm8=", "fo"), ("Zm9v", "foo"), ("Zm9vYmFy", "foobar"), ("Zm9v\nYmE=", "fooba")] {
+        for (enc, dec) in [
+            ("", ""),
+            ("Zg==", "f"),
+            ("Zm8=", "fo"),
+            ("Zm9v", "foo"),
+            ("Zm9vYmFy", "foobar"),
+            ("Zm9v\nYmE=", "fooba"),
+        ] {
             assert_eq!(decode_base64(enc).unwrap(), dec.as_bytes(), "{enc}");
         }
         assert!(decode_base64("Zm9v!").is_err());
@@ -285,9 +300,18 @@ mod tests {
 
     #[test]
     fn parses_server_urls() {
-        assert_eq!(parse_server("https://127.0.0.1:6444").unwrap(), ("127.0.0.1:6444".into(), "127.0.0.1".into()));
-        assert_eq!(parse_server("https://[fd00::1]:6443/").unwrap(), ("[fd00::1]:6443".into(), "fd00::1".into()));
-        assert_eq!(parse_server("https://api.example.com").unwrap(), ("api.example.com:443".into(), "api.example.com".into()));
+        assert_eq!(
+            parse_server("https://127.0.0.1:6444").unwrap(),
+            ("127.0.0.1:6444".into(), "127.0.0.1".into())
+        );
+        assert_eq!(
+            parse_server("https://[fd00::1]:6443/").unwrap(),
+            ("[fd00::1]:6443".into(), "fd00::1".into())
+        );
+        assert_eq!(
+            parse_server("https://api.example.com").unwrap(),
+            ("api.example.com:443".into(), "api.example.com".into())
+        );
         assert!(parse_server("http://x:1").is_err());
     }
 }

@@ -130,7 +130,8 @@ impl Backoff {
     }
     /// 0.5s, 1s, 2s … up to 30s, each times a factor in [0.5, 1.5).
     fn next(&mut self) -> Duration {
-        let base = Duration::from_millis(500).saturating_mul(1 << self.attempt.min(6)).min(Duration::from_secs(30));
+        let base =
+            Duration::from_millis(500).saturating_mul(1 << self.attempt.min(6)).min(Duration::from_secs(30));
         self.attempt += 1;
         // xorshift64
         self.state ^= self.state << 13;
@@ -143,7 +144,7 @@ impl Backoff {
 
 async fn run(opts: Options, tx: mpsc::Sender<Update>) {
     let mut backoff = Backoff::new();
-    let mut last: Option<Vec<Address>> = None;
+    let mut last: Option<(Vec<Address>, Vec<String>)> = None;
     loop {
         let client = match Client::new(&opts) {
             Ok(c) => c,
@@ -155,7 +156,9 @@ async fn run(opts: Options, tx: mpsc::Sender<Update>) {
         };
         match session(&client, &opts, &tx, &mut last, &mut backoff).await {
             End::Expired => {
-                let _ = tx.send(Update::Restarted("the resourceVersion expired (410); listing again".into())).await;
+                let _ = tx
+                    .send(Update::Restarted("the resourceVersion expired (410); listing again".into()))
+                    .await;
             }
             End::Error(e) => {
                 let delay = backoff.next();
@@ -171,7 +174,7 @@ async fn session(
     client: &Client,
     opts: &Options,
     tx: &mpsc::Sender<Update>,
-    last: &mut Option<Vec<Address>>,
+    last: &mut Option<(Vec<Address>, Vec<String>)>,
     backoff: &mut Backoff,
 ) -> End {
     let (api, mut rv, mut objects) = match list(client, Api::EndpointSlices).await {
@@ -204,7 +207,9 @@ async fn session(
                 // The server ended the watch (timeoutSeconds): resume.
                 Ok(Ok(None)) => break,
                 Ok(Err(e)) => return End::Error(format!("watch {}: {e}", api.name())),
-                Err(_) => return End::Error(format!("watch {}: no event or end within its timeout", api.name())),
+                Err(_) => {
+                    return End::Error(format!("watch {}: no event or end within its timeout", api.name()));
+                }
             };
             let event: WatchEvent = match serde_json::from_slice(&line) {
                 Ok(e) => e,
@@ -269,7 +274,12 @@ async fn list(client: &Client, api: Api) -> Result<(String, BTreeMap<String, ser
         200 => {}
         404 => return Err(ListError::NotFound),
         410 => return Err(ListError::Expired),
-        401 => return Err(ListError::Other(format!("list {}: 401: the kubeconfig's credential was rejected", api.name()))),
+        401 => {
+            return Err(ListError::Other(format!(
+                "list {}: 401: the kubeconfig's credential was rejected",
+                api.name()
+            )));
+        }
         403 => {
             return Err(ListError::Other(format!(
                 "list {}: 403: the kubeconfig's identity may not list {} in default (it needs list and watch, as \
@@ -281,12 +291,18 @@ async fn list(client: &Client, api: Api) -> Result<(String, BTreeMap<String, ser
         other => return Err(ListError::Other(format!("list {}: HTTP {other}", api.name()))),
     }
     let bytes = read_all(body, 8 << 20).await.map_err(ListError::Other)?;
-    let list: List = serde_json::from_slice(&bytes).map_err(|e| ListError::Other(format!("list {}: {e}", api.name())))?;
+    let list: List =
+        serde_json::from_slice(&bytes).map_err(|e| ListError::Other(format!("list {}: {e}", api.name())))?;
     let objects = list
         .items
         .into_iter()
         .map(|o| {
-            let name = o.get("metadata").and_then(|m| m.get("name")).and_then(|n| n.as_str()).unwrap_or("").to_owned();
+            let name = o
+                .get("metadata")
+                .and_then(|m| m.get("name"))
+                .and_then(|n| n.as_str())
+                .unwrap_or("")
+                .to_owned();
             (name, o)
         })
         .collect();
@@ -299,22 +315,28 @@ async fn report(
     api: Api,
     opts: &Options,
     tx: &mpsc::Sender<Update>,
-    last: &mut Option<Vec<Address>>,
+    last: &mut Option<(Vec<Address>, Vec<String>)>,
 ) {
     let (addresses, refused) = ready_addresses(objects.values(), api, &opts.settings.allowed_cidrs);
     if addresses.is_empty() {
         let _ = tx
             .send(Update::Failing(format!(
                 "the API lists no usable ready API server{}; keeping the masters in use",
-                if refused.is_empty() { String::new() } else { format!(" (refused: {})", refused.join("; ")) }
+                if refused.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (refused: {})", refused.join("; "))
+                }
             )))
             .await;
         return;
     }
-    if last.as_ref() == Some(&addresses) {
+    // Report a change of the usable set, or of what was refused.
+    let seen = (addresses.clone(), refused.clone());
+    if last.as_ref() == Some(&seen) {
         return;
     }
-    *last = Some(addresses.clone());
+    *last = Some(seen);
     let _ = tx.send(Update::Found { addresses, refused, api: api.name() }).await;
 }
 
@@ -480,16 +502,12 @@ pub fn kubeconfig_path(settings: &KubernetesDiscovery) -> Result<PathBuf, String
     if let Some(p) = &settings.kubeconfig {
         return Ok(p.clone());
     }
-    DEFAULT_DISCOVERY_KUBECONFIGS
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-        .ok_or_else(|| {
-            format!(
-                "no kubeconfig yet (looked for {}; set discovery.kubernetes.kubeconfig)",
-                DEFAULT_DISCOVERY_KUBECONFIGS.join(", ")
-            )
-        })
+    DEFAULT_DISCOVERY_KUBECONFIGS.iter().map(PathBuf::from).find(|p| p.exists()).ok_or_else(|| {
+        format!(
+            "no kubeconfig yet (looked for {}; set discovery.kubernetes.kubeconfig)",
+            DEFAULT_DISCOVERY_KUBECONFIGS.join(", ")
+        )
+    })
 }
 
 impl Client {
@@ -500,28 +518,32 @@ impl Client {
         }
         let access = kubeconfig::load(&path).map_err(|e| e.to_string())?;
         let (connect, name) = match opts.settings.via {
-            Via::Local => (opts.local, access.tls_server_name.clone().unwrap_or_else(|| opts.server_name.clone())),
+            Via::Local => {
+                (opts.local, access.tls_server_name.clone().unwrap_or_else(|| opts.server_name.clone()))
+            }
             Via::Kubeconfig => (
                 access.server_addr()?,
                 access.tls_server_name.clone().unwrap_or_else(|| access.server_host.clone()),
             ),
         };
-        let server_name = ServerName::try_from(name.clone()).map_err(|_| format!("{name:?} is not a valid server name"))?;
+        let server_name =
+            ServerName::try_from(name.clone()).map_err(|_| format!("{name:?} is not a valid server name"))?;
         Ok(Client { access, connect, server_name })
     }
 
     /// GET on a new connection; returns the status and the body.
     async fn get(&self, path: &str) -> Result<(u16, Incoming), String> {
         let exchange = async {
-            let tcp = TcpStream::connect(self.connect).await.map_err(|e| format!("connect {}: {e}", self.connect))?;
+            let tcp = TcpStream::connect(self.connect)
+                .await
+                .map_err(|e| format!("connect {}: {e}", self.connect))?;
             let _ = tcp.set_nodelay(true);
             let tls = tokio_rustls::TlsConnector::from(self.access.tls.clone())
                 .connect(self.server_name.clone(), tcp)
                 .await
                 .map_err(|e| format!("TLS to {}: {e}", self.connect))?;
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-                .await
-                .map_err(|e| e.to_string())?;
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
             tokio::spawn(conn);
             let mut req = Request::get(path)
                 .header("host", self.access.server.as_str())

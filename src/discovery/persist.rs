@@ -36,13 +36,15 @@ pub fn load(path: &Path) -> Result<Vec<Master>, String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
     };
-    let file: File = serde_json::from_str(&text).map_err(|e| format!("{} is corrupt: {e}", path.display()))?;
+    let file: File =
+        serde_json::from_str(&text).map_err(|e| format!("{} is corrupt: {e}", path.display()))?;
     if file.version != 1 {
         return Err(format!("{} has unknown format version {}", path.display(), file.version));
     }
     let mut masters = Vec::with_capacity(file.masters.len());
     for e in file.masters {
-        let address: Address = e.address.parse().map_err(|err| format!("{} is corrupt: {err}", path.display()))?;
+        let address: Address =
+            e.address.parse().map_err(|err| format!("{} is corrupt: {err}", path.display()))?;
         masters.push(Master { name: e.name, address });
     }
     Ok(masters)
@@ -50,14 +52,15 @@ pub fn load(path: &Path) -> Result<Vec<Master>, String> {
 
 /// Saves the set atomically (0600).
 pub fn save(path: &Path, masters: &[Master]) -> std::io::Result<()> {
-    let saved_at = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let saved_at =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let file = File {
         version: 1,
         saved_at,
-        masters: masters.iter().map(|m| Entry { name: m.name.clone(), address: m.address.to_string() }).collect(),
+        masters: masters
+            .iter()
+            .map(|m| Entry { name: m.name.clone(), address: m.address.to_string() })
+            .collect(),
     };
     let json = serde_json::to_vec_pretty(&file).map_err(std::io::Error::other)?;
     fsutil::write_atomic(path, &json, 0o600)
@@ -77,7 +80,8 @@ mod tests {
         assert_eq!(load(&p).unwrap(), m);
         std::fs::write(&p, "{not json").unwrap();
         assert!(load(&p).unwrap_err().contains("is corrupt"));
-        std::fs::write(&p, r#"{"version":1,"saved_at":0,"masters":[{"name":"x","address":"nope"}]}"#).unwrap();
+        std::fs::write(&p, r#"{"version":1,"saved_at":0,"masters":[{"name":"x","address":"nope"}]}"#)
+            .unwrap();
         assert!(load(&p).unwrap_err().contains("has no port"));
         std::fs::write(&p, r#"{"version":9,"saved_at":0,"masters":[]}"#).unwrap();
         assert!(load(&p).unwrap_err().contains("unknown format version 9"));

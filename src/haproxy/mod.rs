@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod output;
+pub mod runtime;
 pub mod stat;
 pub mod supervisor;
 

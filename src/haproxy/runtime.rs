@@ -92,16 +92,26 @@ async fn expect(h: &Haproxy, command: String, ok: &str) -> Result<(), RuntimeErr
 /// Adds masters with exactly the parameters of the rendered config and puts
 /// them in rotation once their first check has run (at most `wait`). A
 /// master that fails that check enters as DOWN and gets no traffic.
-pub async fn add(h: &Haproxy, plan: &CheckPlan, masters: &[Master], wait: Duration) -> Result<(), RuntimeError> {
+pub async fn add(
+    h: &Haproxy,
+    plan: &CheckPlan,
+    masters: &[Master],
+    wait: Duration,
+) -> Result<(), RuntimeError> {
     if masters.is_empty() {
         return Ok(());
     }
     for m in masters {
         let params = server_params(plan, m);
-        expect(h, format!("add server {BACKEND}/{} {} {params}", m.name, m.address), "New server registered").await?;
-        let twin = format!("{}{FALLBACK_SUFFIX}", m.name);
-        expect(h, format!("add server {BACKEND}/{twin} {} {}", m.address, fallback_params(m)), "New server registered")
+        expect(h, format!("add server {BACKEND}/{} {} {params}", m.name, m.address), "New server registered")
             .await?;
+        let twin = format!("{}{FALLBACK_SUFFIX}", m.name);
+        expect(
+            h,
+            format!("add server {BACKEND}/{twin} {} {}", m.address, fallback_params(m)),
+            "New server registered",
+        )
+        .await?;
         quiet(h, format!("enable health {BACKEND}/{}", m.name)).await?;
     }
     // The first check runs while the server is still in maintenance.
@@ -110,7 +120,10 @@ pub async fn add(h: &Haproxy, plan: &CheckPlan, masters: &[Master], wait: Durati
         let stats = h.show_stat().await?;
         let checked = masters.iter().all(|m| {
             stats.servers.iter().any(|s| {
-                s.backend == BACKEND && s.name == m.name && !s.check_status.is_empty() && s.check_status != "INI"
+                s.backend == BACKEND
+                    && s.name == m.name
+                    && !s.check_status.is_empty()
+                    && s.check_status != "INI"
             })
         });
         if checked {

@@ -15,6 +15,8 @@
 //! [`Pki`] makes the certificates; [`Load`] keeps clients connecting
 //! through a load balancer and counts failures.
 
+pub mod cluster;
+
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
@@ -39,6 +41,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+
+pub use cluster::{Cluster, ClusterCounts};
 
 /// Errors setting up test servers or clients.
 #[derive(Debug, thiserror::Error)]
@@ -179,6 +183,8 @@ pub struct ApiServerOptions {
     pub auth: Auth,
     /// Address to bind; port 0 picks a free one.
     pub bind: SocketAddr,
+    /// The cluster whose endpoints this server serves (list and watch).
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 /// Counters of one server.
@@ -300,6 +306,7 @@ struct Shared {
     stats: ApiStats,
     tls: Arc<rustls::ServerConfig>,
     sockets: Arc<Sockets>,
+    cluster: Option<Arc<Cluster>>,
 }
 
 /// A running test API server. Dropping it stops it.
@@ -321,6 +328,7 @@ impl ApiServer {
             stats: ApiStats::default(),
             tls: Arc::new(tls),
             sockets: Arc::default(),
+            cluster: opts.cluster,
         });
         let listener = TcpListener::bind(opts.bind).await?;
         let addr = listener.local_addr()?;
@@ -495,13 +503,11 @@ fn scopeguard(shared: &Arc<Shared>) -> impl Drop + use<> {
     Guard(shared.clone())
 }
 
-fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(body.into()));
-    *r.status_mut() = status;
-    r
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<cluster::Body> {
+    cluster::plain(status, body)
 }
 
-fn handle(shared: &Shared, by_cert: bool, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+fn handle(shared: &Shared, by_cert: bool, req: Request<hyper::body::Incoming>) -> Response<cluster::Body> {
     let token = req
         .headers()
         .get(hyper::header::AUTHORIZATION)
@@ -520,6 +526,11 @@ fn handle(shared: &Shared, by_cert: bool, req: Request<hyper::body::Incoming>) -
         );
     }
     let verbose = req.uri().query().is_some_and(|q| q.split('&').any(|p| p == "verbose"));
+    if let Some(c) = &shared.cluster
+        && let Some(resp) = c.serve(req.uri().path(), req.uri().query().unwrap_or(""))
+    {
+        return resp;
+    }
     match req.uri().path() {
         "/readyz" => {
             shared.stats.readyz.fetch_add(1, Ordering::SeqCst);
