@@ -730,8 +730,10 @@ impl Agent {
         let config = &self.applied.loaded.config;
         let Some(settings) = config.discovery.kubernetes.clone() else {
             self.status.discovery = None;
+            self.metrics.discovery_enabled.set(0);
             return;
         };
+        self.metrics.discovery_enabled.set(1);
         let (tx, rx) = mpsc::channel(16);
         let opts = discovery::Options {
             settings,
@@ -775,6 +777,12 @@ impl Agent {
                 }
                 self.sources.discovered = Some(addresses);
                 self.apply_masters().await;
+            }
+            discovery::Update::Alive => {
+                let now = unix_now();
+                status.last_success = Some(now);
+                status.last_error = None;
+                self.metrics.discovery_last_success_timestamp_seconds.set(now);
             }
             discovery::Update::Restarted(why) => {
                 status.watch_restarts += 1;

@@ -72,6 +72,8 @@ pub struct Metrics {
     pub poll_errors_total: IntCounter,
     /// Masters in use, by where they came from.
     pub masters_by_source: IntGaugeVec,
+    /// 1 when discovery is configured.
+    pub discovery_enabled: IntGauge,
     /// When discovery last listed or watched successfully.
     pub discovery_last_success_timestamp_seconds: Gauge,
     /// Times the discovery watch had to start over.
@@ -269,6 +271,10 @@ impl Metrics {
                 "Masters in use, by source: static (apilb.yaml), discovered (the default/kubernetes \
                  endpoints) or persisted (saved by the previous run).",
                 &["source"],
+            ),
+            discovery_enabled: gauge(
+                "apilb_discovery_enabled",
+                "1 when discovery of the masters is configured.",
             ),
             discovery_last_success_timestamp_seconds: {
                 let g = Gauge::new(

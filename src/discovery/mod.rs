@@ -46,6 +46,9 @@ pub enum Update {
         /// `endpointslices` or `endpoints`.
         api: &'static str,
     },
+    /// The list or watch is working (a list, a watch start or a bookmark),
+    /// even if nothing changed; at most every few seconds.
+    Alive,
     /// The watch had to start over (expired resourceVersion, error).
     Restarted(String),
     /// Discovery cannot make progress now; the masters in use stay.
@@ -186,6 +189,8 @@ async fn session(
         Err(e) => return e.into(),
     };
     backoff.reset();
+    let mut alive = Heartbeat::default();
+    alive.beat(tx).await;
     report(&objects, api, opts, tx, last).await;
     loop {
         let path = format!(
@@ -194,7 +199,10 @@ async fn session(
             opts.watch_timeout.as_secs().max(1)
         );
         let body = match client.get(&path).await {
-            Ok((200, body)) => body,
+            Ok((200, body)) => {
+                alive.beat(tx).await;
+                body
+            }
             Ok((410, _)) => return End::Expired,
             Ok((code, _)) => return End::Error(format!("watch {}: HTTP {code}", api.name())),
             Err(e) => return End::Error(e),
@@ -234,7 +242,10 @@ async fn session(
                         rv = meta.resource_version;
                     }
                     match kind {
-                        "BOOKMARK" => continue,
+                        "BOOKMARK" => {
+                            alive.beat(tx).await;
+                            continue;
+                        }
                         "DELETED" => {
                             objects.remove(&meta.name);
                         }
@@ -246,6 +257,19 @@ async fn session(
                 }
                 other => return End::Error(format!("watch {}: unknown event type {other:?}", api.name())),
             }
+        }
+    }
+}
+
+/// Sends `Update::Alive` at most every 5 seconds.
+#[derive(Default)]
+struct Heartbeat(Option<tokio::time::Instant>);
+
+impl Heartbeat {
+    async fn beat(&mut self, tx: &mpsc::Sender<Update>) {
+        if self.0.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+            self.0 = Some(tokio::time::Instant::now());
+            let _ = tx.send(Update::Alive).await;
         }
     }
 }
