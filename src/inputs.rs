@@ -177,8 +177,9 @@ fn sha256_hex(data: &[u8]) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Reads a CA bundle and checks that it holds at least one certificate.
-fn read_ca(field: &str, path: &Path) -> Result<Verify, InputError> {
+/// Reads a PEM file that must hold at least one certificate; returns its
+/// bytes.
+fn read_certificates(field: &str, path: &Path) -> Result<Vec<u8>, InputError> {
     let data = std::fs::read(path).map_err(|e| io_err(field, path, e))?;
     let certs: Vec<_> = CertificateDer::pem_slice_iter(&data)
         .collect::<Result<_, _>>()
@@ -186,6 +187,12 @@ fn read_ca(field: &str, path: &Path) -> Result<Verify, InputError> {
     if certs.is_empty() {
         return Err(bad(field, path, "holds no PEM certificate"));
     }
+    Ok(data)
+}
+
+/// Reads a CA bundle and checks that it holds at least one certificate.
+fn read_ca(field: &str, path: &Path) -> Result<Verify, InputError> {
+    let data = read_certificates(field, path)?;
     Ok(Verify::Ca { path: path.to_owned(), digest: sha256_hex(&data) })
 }
 
@@ -229,13 +236,7 @@ fn read_client_cert(
     key_field: &str,
     key: Option<&Path>,
 ) -> Result<Credential, InputError> {
-    let cert_pem = std::fs::read(cert).map_err(|e| io_err(cert_field, cert, e))?;
-    let chain: Vec<_> = CertificateDer::pem_slice_iter(&cert_pem)
-        .collect::<Result<_, _>>()
-        .map_err(|e| bad(cert_field, cert, format!("is not valid PEM: {e}")))?;
-    if chain.is_empty() {
-        return Err(bad(cert_field, cert, "holds no PEM certificate"));
-    }
+    let cert_pem = read_certificates(cert_field, cert)?;
     let (key_pem, key_path, key_field) = match key {
         Some(k) => (std::fs::read(k).map_err(|e| io_err(key_field, k, e))?, k, key_field),
         None => (cert_pem.clone(), cert, cert_field),

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use apilb::haproxy::{cli, stat};
 use apilb::lab::{ClusterKind, LabOptions, loopback};
-use apilb::testapi::{Load, Session};
+use apilb::testapi::Load;
 use support::*;
 
 fn cluster_opts() -> LabOptions {
@@ -38,30 +38,20 @@ async fn wait_discovered(env: &Env, n: usize) {
     .await;
 }
 
-/// The servers of the backend as HAProxy has them: (name, status).
+/// The checked servers of the backend as HAProxy has them: (name, status).
 async fn servers(env: &Env) -> Vec<(String, String)> {
-    let text =
-        cli::command(&env.lab.path("run/haproxy.sock"), "show stat", Duration::from_secs(2)).await.unwrap();
-    stat::parse_show_stat(&text)
-        .unwrap()
-        .servers
-        .into_iter()
-        .filter(|s| s.backend == "masters" && !s.backup)
-        .map(|s| (s.name, s.status))
-        .collect()
+    haproxy_servers(env).await.into_iter().filter(|s| !s.backup).map(|s| (s.name, s.status)).collect()
 }
 
-/// Waits until `pred` holds on HAProxy's servers; returns when.
+/// Waits until `pred` holds on HAProxy's checked servers; returns when.
 async fn wait_servers(env: &Env, what: &str, pred: impl Fn(&[(String, String)]) -> bool) -> Instant {
-    let start = Instant::now();
-    loop {
-        let s = servers(env).await;
-        if pred(&s) {
-            return Instant::now();
-        }
-        assert!(start.elapsed() < Duration::from_secs(20), "timed out waiting for {what}; servers: {s:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_haproxy(env, Duration::from_secs(20), what, |all| {
+        let s: Vec<(String, String)> =
+            all.iter().filter(|s| !s.backup).map(|s| (s.name.clone(), s.status.clone())).collect();
+        pred(&s)
+    })
+    .await
+    .into_std()
 }
 
 async fn worker(env: &Env) -> (Vec<u32>, usize) {
@@ -69,23 +59,6 @@ async fn worker(env: &Env) -> (Vec<u32>, usize) {
         cli::command(&env.lab.path("run/master.sock"), "show proc", Duration::from_secs(2)).await.unwrap();
     let p = stat::parse_show_proc(&text).unwrap();
     (p.workers.iter().map(|w| w.pid).collect(), p.old_workers.len())
-}
-
-/// A connection through the load balancer that landed on `server`. The
-/// attempts that landed elsewhere are held until then, so `leastconn`
-/// moves on to the other masters.
-async fn session_on(env: &Env, server: &str) -> Session {
-    let mut others = Vec::new();
-    for _ in 0..60 {
-        let mut s = Session::connect(env.lab.listen, env.lab.client_tls().unwrap(), Some(&env.lab.token))
-            .await
-            .unwrap();
-        if s.served_by().await.unwrap() == server {
-            return s;
-        }
-        others.push(s);
-    }
-    panic!("no connection landed on {server}");
 }
 
 /// The lab config with discovery, and a short drain limit.

@@ -10,7 +10,6 @@ mod support;
 
 use std::time::Duration;
 
-use apilb::haproxy::{cli, stat};
 use apilb::lab::LabOptions;
 use apilb::testapi::{Load, LoadReport, Session};
 use support::*;
@@ -49,33 +48,11 @@ async fn env_up() -> Env {
     env
 }
 
-/// Polls HAProxy until `server`'s state is `want`; returns when it was seen.
+/// Waits until HAProxy reports `server` in state `want`; returns when.
 async fn wait_state(env: &Env, server: &str, want: &str, limit: Duration) -> Instant {
-    let sock = env.lab.path("run/haproxy.sock");
-    let start = Instant::now();
-    loop {
-        if let Ok(text) = cli::command(&sock, "show stat", Duration::from_secs(2)).await
-            && let Ok(stats) = stat::parse_show_stat(&text)
-            && stats.servers.iter().any(|s| s.name == server && s.state().as_str() == want)
-        {
-            return Instant::now();
-        }
-        assert!(start.elapsed() < limit, "{server} not {want} after {limit:?}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
-/// A connection through the load balancer that landed on `server`.
-async fn session_on(env: &Env, server: &str) -> Session {
-    for _ in 0..50 {
-        let mut s = Session::connect(env.lab.listen, env.lab.client_tls().unwrap(), Some(&env.lab.token))
-            .await
-            .unwrap();
-        if s.served_by().await.unwrap() == server {
-            return s;
-        }
-    }
-    panic!("no connection landed on {server}");
+    let what = format!("{server} {want}");
+    wait_haproxy(env, limit, &what, |s| s.iter().any(|x| x.name == server && x.state().as_str() == want))
+        .await
 }
 
 fn load(env: &Env) -> Load {

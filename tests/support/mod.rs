@@ -139,6 +139,56 @@ where
     }
 }
 
+/// A connection through the load balancer that landed on `server`. The
+/// attempts that landed elsewhere are held until then, so `leastconn`
+/// (which prefers the master with the fewest connections) moves on.
+pub async fn session_on(env: &Env, server: &str) -> apilb::testapi::Session {
+    let mut others = Vec::new();
+    for _ in 0..60 {
+        let mut s = apilb::testapi::Session::connect(
+            env.lab.listen,
+            env.lab.client_tls().unwrap(),
+            Some(&env.lab.token),
+        )
+        .await
+        .unwrap();
+        if s.served_by().await.unwrap() == server {
+            return s;
+        }
+        others.push(s);
+    }
+    panic!("no connection landed on {server}");
+}
+
+/// The backend's servers as HAProxy has them, read from its runtime API.
+pub async fn haproxy_servers(env: &Env) -> Vec<apilb::haproxy::stat::ServerStat> {
+    let sock = env.lab.path("run/haproxy.sock");
+    match apilb::haproxy::cli::command(&sock, "show stat", Duration::from_secs(2)).await {
+        Ok(text) => apilb::haproxy::stat::parse_show_stat(&text).map(|s| s.servers).unwrap_or_default(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Polls HAProxy every 20 ms until `pred` holds on its servers, at most
+/// `limit`; returns when it held.
+pub async fn wait_haproxy(
+    env: &Env,
+    limit: Duration,
+    what: &str,
+    pred: impl Fn(&[apilb::haproxy::stat::ServerStat]) -> bool,
+) -> tokio::time::Instant {
+    let start = tokio::time::Instant::now();
+    loop {
+        let servers = haproxy_servers(env).await;
+        if pred(&servers) {
+            return tokio::time::Instant::now();
+        }
+        let names: Vec<String> = servers.iter().map(|s| format!("{}={}", s.name, s.status)).collect();
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}; servers: {names:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Which master answers a fresh connection through the load balancer.
 pub async fn served_by(env: &Env) -> Result<String, String> {
     let tls = env.lab.client_tls().map_err(|e| e.to_string())?;
