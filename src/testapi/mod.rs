@@ -468,6 +468,9 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
         };
         let Ok((tcp, _)) = accepted else { continue };
+        // Like kube-apiserver (Go sets TCP_NODELAY): no Nagle delay on
+        // small responses.
+        let _ = tcp.set_nodelay(true);
         shared.sockets.add(tcp.as_raw_fd());
         shared.stats.connections.fetch_add(1, Ordering::SeqCst);
         let shared = shared.clone();
