@@ -98,10 +98,16 @@ pub struct ServerCounters {
     pub redispatches: u64,
 }
 
+/// Registers a metric whose definition is static: an invalid definition or
+/// a duplicate name is a programming error that every test run would hit.
+fn register<M: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: prometheus::Result<M>) -> M {
+    let m = m.expect("valid metric definition");
+    r.register(Box::new(m.clone())).expect("unique metric name");
+    m
+}
+
 fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
-    r.register(Box::new(g.clone())).expect("unique metric name");
-    g
+    register(r, IntGaugeVec::new(Opts::new(name, help), labels))
 }
 
 impl Metrics {
@@ -109,20 +115,12 @@ impl Metrics {
     pub fn new() -> Metrics {
         let r = Registry::new();
         let float_vec = |name: &str, help: &str, labels: &[&str]| {
-            let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
-            r.register(Box::new(g.clone())).expect("unique metric name");
-            g
+            register(&r, GaugeVec::new(Opts::new(name, help), labels))
         };
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
-            r.register(Box::new(c.clone())).expect("unique metric name");
-            c
+            register(&r, IntCounterVec::new(Opts::new(name, help), labels))
         };
-        let gauge = |name: &str, help: &str| {
-            let g = IntGauge::new(name, help).expect("valid metric definition");
-            r.register(Box::new(g.clone())).expect("unique metric name");
-            g
-        };
+        let gauge = |name: &str, help: &str| register(&r, IntGauge::new(name, help));
         let m = Metrics {
             master_up: gauge_vec(
                 &r,
@@ -208,15 +206,13 @@ impl Metrics {
                 "Configuration reloads by result: success, invalid_config (refused before HAProxy saw it), refused (HAProxy refused it), failed.",
                 &["result"],
             ),
-            haproxy_restarts_total: {
-                let c = IntCounter::new(
+            haproxy_restarts_total: register(
+                &r,
+                IntCounter::new(
                     "apilb_haproxy_restarts_total",
                     "Times apilb restarted HAProxy after it died.",
-                )
-                .expect("valid metric definition");
-                r.register(Box::new(c.clone())).expect("unique metric name");
-                c
-            },
+                ),
+            ),
             haproxy_workers: gauge_vec(
                 &r,
                 "apilb_haproxy_workers",
@@ -231,15 +227,13 @@ impl Metrics {
                  it came from (settings_hash: equal on nodes that share a config).",
                 &["hash", "settings_hash"],
             ),
-            config_last_apply_timestamp_seconds: {
-                let g = Gauge::new(
+            config_last_apply_timestamp_seconds: register(
+                &r,
+                Gauge::new(
                     "apilb_config_last_apply_timestamp_seconds",
                     "When the configuration in effect was applied (Unix time).",
-                )
-                .expect("valid metric definition");
-                r.register(Box::new(g.clone())).expect("unique metric name");
-                g
-            },
+                ),
+            ),
             check_auth_info: gauge_vec(
                 &r,
                 "apilb_check_auth_info",
@@ -256,15 +250,10 @@ impl Metrics {
                 "1, labelled with apilb's and HAProxy's versions.",
                 &["version", "haproxy_version"],
             ),
-            poll_errors_total: {
-                let c = IntCounter::new(
-                    "apilb_haproxy_poll_errors_total",
-                    "Failed polls of HAProxy's runtime API.",
-                )
-                .expect("valid metric definition");
-                r.register(Box::new(c.clone())).expect("unique metric name");
-                c
-            },
+            poll_errors_total: register(
+                &r,
+                IntCounter::new("apilb_haproxy_poll_errors_total", "Failed polls of HAProxy's runtime API."),
+            ),
             masters_by_source: gauge_vec(
                 &r,
                 "apilb_masters",
@@ -276,24 +265,20 @@ impl Metrics {
                 "apilb_discovery_enabled",
                 "1 when discovery of the masters is configured.",
             ),
-            discovery_last_success_timestamp_seconds: {
-                let g = Gauge::new(
+            discovery_last_success_timestamp_seconds: register(
+                &r,
+                Gauge::new(
                     "apilb_discovery_last_success_timestamp_seconds",
                     "When discovery last read the API servers' endpoints (Unix time); 0 if never.",
-                )
-                .expect("valid metric definition");
-                r.register(Box::new(g.clone())).expect("unique metric name");
-                g
-            },
-            discovery_watch_restarts_total: {
-                let c = IntCounter::new(
+                ),
+            ),
+            discovery_watch_restarts_total: register(
+                &r,
+                IntCounter::new(
                     "apilb_discovery_watch_restarts_total",
                     "Times the discovery watch started over (expired resourceVersion, errors).",
-                )
-                .expect("valid metric definition");
-                r.register(Box::new(c.clone())).expect("unique metric name");
-                c
-            },
+                ),
+            ),
             master_changes_total: counter_vec(
                 "apilb_master_changes_total",
                 "Masters added or removed, by method: runtime (HAProxy's runtime API, no reload) or \

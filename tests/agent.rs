@@ -379,3 +379,52 @@ async fn a_second_stop_request_forces_the_stop() {
     assert!(started.elapsed() < Duration::from_secs(5), "forced stop took {:?}", started.elapsed());
     assert!(!alive(pid));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unresolvable_master_name_does_not_stop_haproxy() {
+    let mut env = Env::new(LabOptions::default()).await;
+    // DNS down at boot, or a name that does not exist (yet).
+    let yaml = env.lab.config_yaml("").replace(
+        "masters:\n",
+        "masters:\n  - {name: by-name, address: \"master-x.does-not-exist.invalid:6443\"}\n",
+    );
+    env.lab.write_config(&yaml).unwrap();
+    env.start_agent().await;
+    let s = env
+        .wait_status(Duration::from_secs(15), "the named master in maintenance, the others UP", |s| {
+            s.masters.len() == 4
+                && s.masters[0].state == "MAINT"
+                && s.masters[1..].iter().all(|m| m.state == "UP" && m.check_status == "L7OK")
+        })
+        .await;
+    assert_eq!(s.healthy(), 3);
+    assert!(served_by(&env).await.is_ok());
+    let cfg = std::fs::read_to_string(env.lab.path("run/haproxy.cfg")).unwrap();
+    assert!(cfg.contains("resolvers sys init-addr last,libc,none"), "{cfg}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_workers_are_bounded_by_hard_stop_after() {
+    let mut env = Env::new(LabOptions::default()).await;
+    let yaml = env.lab.config_yaml("").replace("hard_stop_after: 1m", "hard_stop_after: 2s");
+    env.lab.write_config(&yaml).unwrap();
+    env.start_agent().await;
+    env.wait_all_up().await;
+    // A long-lived connection (a watch) pins the old worker after a reload…
+    let mut watch =
+        Session::connect(env.lab.listen, env.lab.client_tls().unwrap(), Some(&env.lab.token)).await.unwrap();
+    watch.served_by().await.unwrap();
+    env.lab.write_config(&yaml.replace("hard_stop_after: 2s", "hard_stop_after: 2001ms")).unwrap();
+    env.agent().send(apilb::agent::Control::Reload).await;
+    env.wait_status(Duration::from_secs(10), "an old worker", |s| s.haproxy.old_workers.len() == 1).await;
+    assert!(watch.served_by().await.is_ok(), "the old worker still serves the connection");
+    // …until hard-stop-after closes it; the client reconnects to the new one.
+    let closed_in = std::time::Instant::now();
+    assert!(watch.wait_closed(Duration::from_secs(10)).await, "the old worker never let go");
+    env.wait_status(Duration::from_secs(10), "no old worker", |s| s.haproxy.old_workers.is_empty()).await;
+    assert!(served_by(&env).await.is_ok());
+    eprintln!(
+        "old worker closed its last connection {:?} after the reload was confirmed",
+        closed_in.elapsed()
+    );
+}
