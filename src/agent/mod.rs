@@ -25,19 +25,23 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior, interval, sleep, sleep_until};
 
+mod masters;
+mod observe;
+
+use masters::effective;
+
 use crate::discovery::{self, persist};
 use crate::fsutil;
 use crate::haproxy::output::Output;
-use crate::haproxy::runtime;
-use crate::haproxy::stat::{ServerState, Stats};
+use crate::haproxy::stat::ServerState;
 use crate::haproxy::supervisor::{Haproxy, ReloadError, SupervisorError, alive};
 use crate::haproxy::{Binary, BinaryError, Version};
 use crate::http::{self, HttpState};
 use crate::inputs::Verify;
 use crate::masters::{Source, Sources};
-use crate::metrics::{Metrics, ServerCounters};
-use crate::render::{CheckPlan, FALLBACK_SUFFIX, Paths, Rendered};
-use crate::status::{CheckStatus, DiscoveryStatus, MasterStatus, ReloadRecord, Status};
+use crate::metrics::Metrics;
+use crate::render::{Paths, Rendered};
+use crate::status::{CheckStatus, ReloadRecord, Status};
 use crate::systemd;
 use crate::{LoadError, Loaded};
 
@@ -243,25 +247,6 @@ struct Agent {
     draining: HashMap<String, Instant>,
     /// The last discovery problem logged, so it is logged once.
     last_discovery_problem: Option<String>,
-}
-
-/// The config with the masters of the current policy (see `masters`).
-fn effective(
-    mut config: crate::config::Config,
-    inputs: crate::inputs::Inputs,
-    sources: &Sources,
-    paths: &Paths,
-) -> Loaded {
-    config.masters = sources.desired();
-    crate::assemble(config, inputs, paths)
-}
-
-/// True when two renders differ only in `server` lines, so the runtime API
-/// can make the change without a reload.
-fn only_servers_differ(old: &str, new: &str) -> bool {
-    let rest =
-        |t: &str| t.lines().filter(|l| !l.trim_start().starts_with("server ")).collect::<Vec<_>>().join("\n");
-    rest(old) == rest(new)
 }
 
 fn unix_now() -> f64 {
@@ -712,199 +697,6 @@ impl Agent {
         }
     }
 
-    /// Loads apilb.yaml and its files and renders them with the masters of
-    /// the current policy.
-    fn load_effective(&mut self) -> Result<Loaded, LoadError> {
-        let (yaml, inputs) = crate::load_parts(&self.opts.config_path)?;
-        self.sources.seeds.clone_from(&yaml.masters);
-        if yaml.discovery.kubernetes.is_none() {
-            self.sources.persisted.clear();
-            self.sources.discovered = None;
-        }
-        Ok(effective(yaml, inputs, &self.sources, &self.paths))
-    }
-
-    /// (Re)starts the discovery watcher for the config in effect.
-    fn restart_discovery(&mut self) {
-        self.stop_discovery();
-        let config = &self.applied.loaded.config;
-        let Some(settings) = config.discovery.kubernetes.clone() else {
-            self.status.discovery = None;
-            self.metrics.discovery_enabled.set(0);
-            return;
-        };
-        self.metrics.discovery_enabled.set(1);
-        let (tx, rx) = mpsc::channel(16);
-        let opts = discovery::Options {
-            settings,
-            local: crate::status_client::target(config.listen.0),
-            server_name: config.health.tls.server_name().to_owned(),
-            watch_timeout: Duration::from_secs(290),
-        };
-        self.discovery = Some(discovery::spawn(opts, tx));
-        self.discovery_rx = Some(rx);
-        self.status.discovery.get_or_insert_with(DiscoveryStatus::default);
-    }
-
-    fn stop_discovery(&mut self) {
-        if let Some(task) = self.discovery.take() {
-            task.abort();
-        }
-        self.discovery_rx = None;
-    }
-
-    /// A report from the discovery watcher.
-    async fn on_discovery(&mut self, update: discovery::Update) {
-        let status = self.status.discovery.get_or_insert_with(DiscoveryStatus::default);
-        match update {
-            discovery::Update::Found { addresses, refused, api } => {
-                let now = unix_now();
-                status.api = api.to_owned();
-                status.last_success = Some(now);
-                status.last_error = None;
-                self.metrics.discovery_last_success_timestamp_seconds.set(now);
-                if !refused.is_empty() && status.refused != refused {
-                    tracing::warn!("discovery refused addresses the API listed: {}", refused.join("; "));
-                }
-                status.refused = refused;
-                self.last_discovery_problem = None;
-                if self.sources.discovered.is_none() {
-                    tracing::info!(
-                        api,
-                        count = addresses.len(),
-                        "discovery succeeded; the discovered API servers replace the static seeds"
-                    );
-                }
-                self.sources.discovered = Some(addresses);
-                self.apply_masters().await;
-            }
-            discovery::Update::Alive => {
-                let now = unix_now();
-                status.last_success = Some(now);
-                status.last_error = None;
-                self.metrics.discovery_last_success_timestamp_seconds.set(now);
-            }
-            discovery::Update::Restarted(why) => {
-                status.watch_restarts += 1;
-                status.last_error = Some(why.clone());
-                self.metrics.discovery_watch_restarts_total.inc();
-                tracing::warn!("discovery watch restarted: {why}");
-            }
-            discovery::Update::Failing(why) => {
-                status.last_error = Some(why.clone());
-                if self.last_discovery_problem.as_deref() != Some(&why) {
-                    tracing::warn!("discovery: {why}");
-                    self.last_discovery_problem = Some(why);
-                }
-            }
-        }
-        self.publish();
-    }
-
-    /// Brings HAProxy's masters in line with the policy: through the
-    /// runtime API when only servers change, else by a validated reload.
-    async fn apply_masters(&mut self) {
-        let desired = self.sources.desired();
-        if desired == self.applied.loaded.config.masters {
-            // Same servers; sources may have changed (static → discovered).
-            self.mark_applied();
-            return;
-        }
-        let mut config = self.applied.loaded.config.clone();
-        config.masters = desired;
-        let loaded = crate::assemble(config, self.applied.loaded.inputs.clone(), &self.paths);
-        let change = runtime::diff(&self.applied.loaded.config.masters, &loaded.config.masters);
-        let runtime_ok = self.haproxy.is_some()
-            && only_servers_differ(&self.running.text, &loaded.rendered.text)
-            && change.added.iter().all(|m| !m.address.is_dns());
-        if runtime_ok {
-            match self.apply_runtime(&loaded, &change).await {
-                Ok(()) => {
-                    let names = |v: Vec<String>| if v.is_empty() { "-".to_owned() } else { v.join(", ") };
-                    tracing::info!(
-                        added = %names(change.added.iter().map(|m| format!("{} ({})", m.name, m.address)).collect()),
-                        removed = %names(change.removed.clone()),
-                        config = loaded.rendered.short_hash(),
-                        "masters changed through HAProxy's runtime API (no reload); removed ones drain"
-                    );
-                    self.metrics
-                        .master_changes_total
-                        .with_label_values(&["runtime"])
-                        .inc_by(change.len() as u64);
-                    self.running = Running::of(&loaded.rendered);
-                    self.applied = Applied { loaded, at: SystemTime::now() };
-                    self.metrics.config_info.reset();
-                    self.mark_applied();
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!("cannot change the masters at run time ({e}); falling back to a reload")
-                }
-            }
-        }
-        let hash = loaded.rendered.hash.clone();
-        self.apply(loaded, "the master set changed").await;
-        if self.running.hash == hash {
-            self.metrics.master_changes_total.with_label_values(&["reload"]).inc_by(change.len() as u64);
-            // A reload dropped the draining servers from the new worker.
-            self.draining.clear();
-        }
-    }
-
-    /// Validates the new file, adds and drains servers through the runtime
-    /// API, then puts the file in place so a restart yields the same set.
-    async fn apply_runtime(&mut self, loaded: &Loaded, change: &runtime::Change) -> Result<(), String> {
-        let staged = stage_and_validate(&self.binary, &self.paths, &loaded.rendered)
-            .await
-            .map_err(|e| e.to_string())?;
-        let h = self.haproxy.as_ref().ok_or("HAProxy is not running")?;
-        let plan = CheckPlan::new(&loaded.config, &loaded.inputs, &self.paths);
-        let (back, fresh): (Vec<_>, Vec<_>) =
-            change.added.iter().cloned().partition(|m| self.draining.contains_key(&m.name));
-        for m in &back {
-            runtime::undrain(h, &m.name).await.map_err(|e| e.to_string())?;
-            self.draining.remove(&m.name);
-        }
-        let health = &loaded.config.health;
-        let wait = health.interval.std() + health.timeout.std() + Duration::from_millis(500);
-        let haproxy = self.haproxy.as_ref().ok_or("HAProxy is not running")?;
-        runtime::add(haproxy, &plan, &fresh, wait).await.map_err(|e| e.to_string())?;
-        let limit = loaded.config.haproxy.hard_stop_after.std();
-        for name in &change.removed {
-            runtime::drain(haproxy, name).await.map_err(|e| e.to_string())?;
-            self.draining.insert(name.clone(), Instant::now() + limit);
-        }
-        promote(&self.paths, &staged, &loaded.rendered).map_err(|e| e.to_string())
-    }
-
-    /// Deletes removed masters once their sessions are gone (or the drain
-    /// limit, `haproxy.hard_stop_after`, has passed).
-    async fn finish_draining(&mut self, stats: &Stats) {
-        let Some(h) = &self.haproxy else { return };
-        let mut done = Vec::new();
-        for (name, deadline) in &self.draining {
-            let twin = format!("{name}{FALLBACK_SUFFIX}");
-            let rows: Vec<_> = stats.servers.iter().filter(|s| &s.name == name || s.name == twin).collect();
-            if rows.is_empty() {
-                done.push(name.clone());
-                continue;
-            }
-            let sessions: u64 = rows.iter().map(|s| s.sessions).sum();
-            if sessions == 0 || Instant::now() >= *deadline {
-                match runtime::delete(h, name).await {
-                    Ok(()) => {
-                        tracing::info!(master = %name, cut = sessions, "removed master deleted from HAProxy");
-                        done.push(name.clone());
-                    }
-                    Err(e) => tracing::warn!(master = %name, "cannot delete a removed master yet: {e}"),
-                }
-            }
-        }
-        for name in done {
-            self.draining.remove(&name);
-        }
-    }
-
     fn clear_error(&mut self) {
         self.last_error = None;
         self.status.config.pending_error = None;
@@ -988,160 +780,6 @@ impl Agent {
                 self.respawn_at = Some(Instant::now() + delay);
             }
         }
-    }
-
-    /// Reads HAProxy's process tree and server states, updates metrics and
-    /// status, and logs state transitions.
-    async fn poll(&mut self) {
-        let Some(h) = &self.haproxy else {
-            self.publish();
-            return;
-        };
-        let (proc, stats) = tokio::join!(h.show_proc(), h.show_stat());
-        match &proc {
-            Ok(p) => {
-                self.workers_seen = p.workers.iter().chain(&p.old_workers).map(|w| w.pid).collect();
-                self.status.haproxy.master_pid = Some(p.master_pid);
-                self.status.haproxy.workers = p.workers.iter().map(|w| w.pid).collect();
-                self.status.haproxy.old_workers = p.old_workers.iter().map(|w| w.pid).collect();
-                self.metrics.haproxy_workers.with_label_values(&["current"]).set(p.workers.len() as i64);
-                self.metrics.haproxy_workers.with_label_values(&["old"]).set(p.old_workers.len() as i64);
-            }
-            Err(e) => {
-                self.metrics.poll_errors_total.inc();
-                tracing::warn!(error = %e, "cannot read HAProxy's process list");
-            }
-        }
-        self.status.haproxy.running = proc.is_ok();
-        self.status.haproxy.adopted = h.adopted();
-        self.status.haproxy.version = self.version.full.clone();
-        self.metrics.haproxy_up.set(i64::from(proc.is_ok()));
-        match stats {
-            Ok(stats) => {
-                self.observe(&stats);
-                self.finish_draining(&stats).await;
-            }
-            Err(e) => {
-                self.metrics.poll_errors_total.inc();
-                tracing::warn!(error = %e, "cannot read HAProxy's server states");
-            }
-        }
-        self.publish();
-    }
-
-    fn observe(&mut self, stats: &Stats) {
-        let config = &self.applied.loaded.config;
-        self.status.listen = config.listen.to_string();
-        self.status.haproxy.frontend_open =
-            stats.frontends.iter().any(|f| f.name == crate::render::FRONTEND && f.status == "OPEN");
-        let now = unix_now();
-        let mut masters = Vec::with_capacity(config.masters.len());
-        for m in &config.masters {
-            let row = stats.servers.iter().find(|s| s.backend == crate::render::BACKEND && s.name == m.name);
-            let fallback_name = format!("{}{FALLBACK_SUFFIX}", m.name);
-            let twin = stats.servers.iter().find(|s| s.name == fallback_name);
-            let mut ms = MasterStatus {
-                name: m.name.clone(),
-                address: m.address.to_string(),
-                source: self.sources.source_of(m).as_str().into(),
-                state: "unknown".into(),
-                fallback_sessions: twin.map(|t| t.sessions).unwrap_or(0),
-                ..MasterStatus::default()
-            };
-            self.metrics
-                .master_fallback_sessions
-                .with_label_values(&[&m.name])
-                .set(ms.fallback_sessions as i64);
-            if let Some(row) = row {
-                let state = row.state();
-                ms.state = state.as_str().into();
-                ms.check_status = row.check_status.clone();
-                ms.check_desc = row.check_desc.clone();
-                ms.check_code = row.check_code;
-                ms.check_info = row.last_check.clone();
-                ms.check_duration_ms = row.check_duration_ms;
-                ms.since_change_s = row.last_change_s;
-                ms.sessions = row.sessions;
-                ms.connect_errors = row.connect_errors;
-
-                let name = m.name.as_str();
-                self.metrics.set_state(name, Some(state));
-                let prev_check = self.check_statuses.insert(name.to_owned(), row.check_status.clone());
-                self.metrics.set_check_status(name, prev_check.as_deref(), &row.check_status);
-                self.metrics
-                    .master_check_http_code
-                    .with_label_values(&[name])
-                    .set(i64::from(row.check_code.unwrap_or(0)));
-                self.metrics
-                    .master_check_duration_seconds
-                    .with_label_values(&[name])
-                    .set(row.check_duration_ms.unwrap_or(0) as f64 / 1000.0);
-                self.metrics.master_sessions.with_label_values(&[name]).set(row.sessions as i64);
-                self.metrics.observe_counters(
-                    name,
-                    ServerCounters {
-                        errors: row.connect_errors,
-                        retries: row.retries,
-                        redispatches: row.redispatches,
-                    },
-                );
-                if let Some(s) = row.last_change_s {
-                    self.metrics
-                        .master_last_transition_timestamp_seconds
-                        .with_label_values(&[name])
-                        .set(now - s as f64);
-                }
-                match self.states.insert(name.to_owned(), state) {
-                    Some(prev) if prev != state => {
-                        self.metrics
-                            .master_transitions_total
-                            .with_label_values(&[name, state.as_str()])
-                            .inc();
-                        let code = row.check_code.map(|c| format!(", HTTP {c}")).unwrap_or_default();
-                        let info = if row.last_check.is_empty() {
-                            String::new()
-                        } else {
-                            format!(", {}", row.last_check)
-                        };
-                        tracing::info!(
-                            master = name,
-                            address = %m.address,
-                            from = prev.as_str(),
-                            to = state.as_str(),
-                            check = %row.check_status,
-                            "{name} is {} (was {}): {} {}{code}{info}",
-                            state.as_str(),
-                            prev.as_str(),
-                            row.check_status,
-                            row.check_desc,
-                        );
-                    }
-                    _ => {}
-                }
-            }
-            masters.push(ms);
-        }
-        // Removed masters still finishing their connections.
-        for name in self.draining.keys() {
-            if let Some(row) =
-                stats.servers.iter().find(|s| s.backend == crate::render::BACKEND && &s.name == name)
-            {
-                masters.push(MasterStatus {
-                    name: name.clone(),
-                    address: row.addr.clone(),
-                    source: "removed (draining)".into(),
-                    state: row.state().as_str().into(),
-                    check_status: row.check_status.clone(),
-                    check_desc: row.check_desc.clone(),
-                    check_code: row.check_code,
-                    sessions: row.sessions,
-                    ..MasterStatus::default()
-                });
-            }
-        }
-        self.status.masters = masters;
-        let healthy = self.status.healthy();
-        self.metrics.masters_healthy.set(healthy as i64);
     }
 
     fn publish_config(&mut self) {
