@@ -331,3 +331,47 @@ async fn old_clusters_are_read_through_endpoints() {
             .all(|srv| srv.stats().unauthorized.load(std::sync::atomic::Ordering::SeqCst) == 0)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handover_keeps_the_discovered_masters_without_a_reload() {
+    let mut env = Env::new(cluster_opts()).await;
+    let yaml = env
+        .lab
+        .config_yaml(&env.lab.discovery_yaml(""))
+        .replace("hard_stop_after: 1m", "hard_stop_after: 2s");
+    env.lab.write_config(&yaml).unwrap();
+    let mut first = AgentProcess::spawn(&env.lab, "first", &[]);
+    first.wait_ready(&env.lab).await;
+    let addr = env.lab.metrics;
+    let discovered = move |n: usize| async move {
+        apilb::status_client::fetch(addr).await.is_ok_and(|s| {
+            s.discovery.as_ref().is_some_and(|d| d.last_success.is_some())
+                && s.in_rotation().count() == n
+                && s.in_rotation().all(|m| m.source == "discovered")
+        })
+    };
+    eventually(Duration::from_secs(15), "discovery applied", || discovered(3)).await;
+
+    // The cluster moves on: master-4 joins, master-3 leaves.
+    env.lab.add_server(4).await.unwrap();
+    let cluster = env.lab.cluster.clone().unwrap();
+    cluster.set_endpoints(&endpoints(&[1, 2, 4]));
+    let only_current = |s: &[(String, String)]| {
+        s.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>() == ["master-1", "master-2", "127.0.0.4"]
+    };
+    wait_servers(&env, "the discovered set", only_current).await;
+    let before = worker(&env).await;
+
+    // Upgrade the agent: hand over, start the next one.
+    first.signal(nix::sys::signal::Signal::SIGUSR2);
+    assert!(first.wait_exit(Duration::from_secs(5)).expect("exited").success());
+    let mut second = AgentProcess::spawn(&env.lab, "second", &[]);
+    second.wait_ready(&env.lab).await;
+    eventually(Duration::from_secs(15), "discovery applied again", || discovered(3)).await;
+    wait_servers(&env, "the discovered set again", only_current).await;
+
+    assert_eq!(worker(&env).await.0, before.0, "the same HAProxy worker: no reload");
+    let logs = second.logs();
+    assert!(logs.contains("aligning them at run time"), "{logs}");
+    assert!(!logs.contains("reloaded HAProxy"), "{logs}");
+}

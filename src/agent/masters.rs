@@ -7,6 +7,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::{Agent, Applied, Running, promote, stage_and_validate, unix_now};
+use crate::config::Master;
 use crate::discovery;
 use crate::haproxy::runtime;
 use crate::haproxy::stat::Stats;
@@ -32,6 +33,38 @@ fn only_servers_differ(old: &str, new: &str) -> bool {
     let rest =
         |t: &str| t.lines().filter(|l| !l.trim_start().starts_with("server ")).collect::<Vec<_>>().join("\n");
     rest(old) == rest(new)
+}
+
+/// The masters of a running haproxy.cfg, as a config to adopt: only when it
+/// differs from `base` in server lines alone and re-rendering them with
+/// `base`'s config and inputs reproduces the running file exactly.
+pub(super) fn running_set(
+    running_text: &str,
+    running_hash: &str,
+    base: &Loaded,
+    paths: &Paths,
+) -> Option<Loaded> {
+    if !only_servers_differ(running_text, &base.rendered.text) {
+        return None;
+    }
+    let masters: Vec<Master> = running_text
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.trim_start().strip_prefix("server ")?.split_whitespace();
+            let (name, address) = (words.next()?, words.next()?);
+            if name.ends_with(FALLBACK_SUFFIX) {
+                return None;
+            }
+            Some(Master { name: name.to_owned(), address: address.parse().ok()? })
+        })
+        .collect();
+    if masters.is_empty() {
+        return None;
+    }
+    let mut config = base.config.clone();
+    config.masters = masters;
+    let current = crate::assemble(config, base.inputs.clone(), paths);
+    (current.rendered.hash == running_hash).then_some(current)
 }
 
 impl Agent {

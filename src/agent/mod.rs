@@ -332,7 +332,18 @@ pub async fn start(opts: Options) -> Result<Handle, AgentError> {
             running.text = std::fs::read_to_string(paths.config_file()).unwrap_or_default();
         }
     }
-    let applied = Applied { loaded, at: SystemTime::now() };
+    let mut applied = Applied { loaded, at: SystemTime::now() };
+    // When the adopted HAProxy differs only in its servers (the previous
+    // agent learned them by discovery), take its set over as it is and
+    // converge through the runtime API: an agent upgrade must not reload.
+    let mut sync_masters = false;
+    if stale_adoption
+        && let Some(current) = masters::running_set(&running.text, &running.hash, &applied.loaded, &paths)
+    {
+        applied.loaded = current;
+        stale_adoption = false;
+        sync_masters = true;
+    }
 
     let listen = applied.loaded.config.listen.0;
     wait_for_frontend(listen, Duration::from_secs(10)).await?;
@@ -369,6 +380,12 @@ pub async fn start(opts: Options) -> Result<Handle, AgentError> {
     };
     agent.mark_applied();
     agent.restart_discovery();
+    if sync_masters {
+        tracing::info!(
+            "the adopted HAProxy runs other masters than the candidates; aligning them at run time"
+        );
+        agent.apply_masters().await;
+    }
     if stale_adoption {
         tracing::info!("the adopted HAProxy runs an older config than apilb.yaml describes; reloading");
         match agent.load_effective() {
