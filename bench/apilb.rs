@@ -59,9 +59,11 @@ fn bench_render() {
     }
 }
 
-async fn lab_and_agent(opts: LabOptions, extra: &str) -> (Lab, agent::Handle) {
+/// A lab, its config (`extra` appended, made from the lab) and a running
+/// agent whose masters have all passed a check.
+async fn lab_and_agent(opts: LabOptions, extra: impl FnOnce(&Lab) -> String) -> (Lab, agent::Handle) {
     let lab = Lab::start(opts).await.expect("lab");
-    let yaml = lab.config_yaml(extra);
+    let yaml = lab.config_yaml(&extra(&lab));
     lab.write_config(&yaml).expect("config");
     let handle = agent::start(agent::Options {
         config_path: lab.config_path(),
@@ -109,7 +111,7 @@ async fn connection_rate(
 
 async fn bench_connections() {
     println!("## new connections (TCP + TLS + GET /version), 4 concurrent clients, 5s");
-    let (lab, handle) = lab_and_agent(LabOptions::default(), "").await;
+    let (lab, handle) = lab_and_agent(LabOptions::default(), |_| String::new()).await;
     let tls = lab.client_tls().expect("tls");
     let (direct, direct_lat) = connection_rate(lab.servers[0].addr(), tls.clone(), &lab.token, 4).await;
     let (via, via_lat) = connection_rate(lab.listen, tls, &lab.token, 4).await;
@@ -120,7 +122,7 @@ async fn bench_connections() {
 
 async fn bench_reloads() {
     println!("## validated hitless reload (SIGHUP -> haproxy -c -> reload -> confirmed by show proc)");
-    let (lab, handle) = lab_and_agent(LabOptions::default(), "").await;
+    let (lab, handle) = lab_and_agent(LabOptions::default(), |_| String::new()).await;
     let mut times = Vec::new();
     let mut status = handle.status();
     for i in 0..15 {
@@ -139,15 +141,7 @@ async fn bench_reloads() {
 async fn bench_discovery() {
     println!("## a discovered master: watch event -> in HAProxy -> in rotation (runtime API, no reload)");
     let opts = LabOptions { cluster: Some(ClusterKind::EndpointSlices), ..LabOptions::default() };
-    let mut lab = Lab::start(opts).await.expect("lab");
-    let yaml = lab.config_yaml(&lab.discovery_yaml(""));
-    lab.write_config(&yaml).expect("config");
-    let handle = agent::start(agent::Options {
-        config_path: lab.config_path(),
-        shutdown_grace: Duration::from_secs(1),
-    })
-    .await
-    .expect("agent");
+    let (mut lab, handle) = lab_and_agent(opts, |lab| lab.discovery_yaml("")).await;
     let mut status = handle.status();
     let _ = tokio::time::timeout(
         Duration::from_secs(15),
@@ -192,7 +186,7 @@ async fn bench_discovery() {
 async fn bench_restart() {
     println!("## kill -9 of the HAProxy master -> frontend serving again");
     println!("   (kills 0.5s apart are a crash loop: the restart backs off 0, 100ms, 250ms, 500ms, 1s)");
-    let (lab, handle) = lab_and_agent(LabOptions::default(), "").await;
+    let (lab, handle) = lab_and_agent(LabOptions::default(), |_| String::new()).await;
     let tls = lab.client_tls().expect("tls");
     let mut times = Vec::new();
     for _ in 0..5 {
