@@ -189,7 +189,6 @@ impl Agent {
                         .inc_by(change.len() as u64);
                     self.running = Running::of(&loaded.rendered);
                     self.applied = Applied { loaded, at: SystemTime::now() };
-                    self.metrics.config_info.reset();
                     self.mark_applied();
                     return;
                 }

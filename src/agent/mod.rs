@@ -302,7 +302,7 @@ pub async fn start(opts: Options) -> Result<Handle, AgentError> {
     }
     metrics.build_info.with_label_values(&[env!("CARGO_PKG_VERSION"), &version.full]).set(1);
 
-    let haproxy = match Haproxy::adopt(&binary, &paths).await {
+    let haproxy = match Haproxy::adopt(&paths).await {
         Some(h) => {
             tracing::info!(
                 pid = h.pid(),
@@ -639,7 +639,6 @@ impl Agent {
         let discovery_changed = old.discovery != loaded.config.discovery
             || old.listen != loaded.config.listen
             || old.health.tls.server_name() != loaded.config.health.tls.server_name();
-        self.metrics.config_info.reset();
         self.running = Running::of(&loaded.rendered);
         self.refused_hash = None;
         self.applied = Applied { loaded, at: SystemTime::now() };
@@ -659,6 +658,9 @@ impl Agent {
         let a = &self.applied;
         let at = a.at.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
         let settings = a.loaded.config.settings_hash();
+        self.status.listen = a.loaded.config.listen.to_string();
+        // One series: the config in effect, not every config ever applied.
+        self.metrics.config_info.reset();
         self.metrics.config_info.with_label_values(&[&a.loaded.rendered.hash, &settings]).set(1);
         self.status.config.settings_hash = settings;
         self.metrics.config_last_apply_timestamp_seconds.set(at);
@@ -807,9 +809,6 @@ impl Agent {
     /// Sends the status to watchers and systemd when it changed.
     fn publish(&mut self) {
         self.status.version = env!("CARGO_PKG_VERSION").into();
-        if self.status.listen.is_empty() {
-            self.status.listen = self.applied.loaded.config.listen.to_string();
-        }
         let previous = self.status_tx.borrow().summary();
         let summary = self.status.summary();
         if summary != previous {

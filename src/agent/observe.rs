@@ -49,7 +49,6 @@ impl Agent {
 
     pub(super) fn observe(&mut self, stats: &Stats) {
         let config = &self.applied.loaded.config;
-        self.status.listen = config.listen.to_string();
         self.status.haproxy.frontend_open =
             stats.frontends.iter().any(|f| f.name == crate::render::FRONTEND && f.status == "OPEN");
         let now = unix_now();

@@ -94,7 +94,6 @@ pub struct Exit {
 
 /// A running HAProxy master, started or adopted by this agent.
 pub struct Haproxy {
-    binary: Binary,
     paths: Paths,
     pid: u32,
     adopted: bool,
@@ -127,7 +126,7 @@ impl Haproxy {
     /// Looks for a live master started by an earlier agent with these
     /// paths. Returns `None` when there is none (stale pidfile, other
     /// process, no answer on the master socket).
-    pub async fn adopt(binary: &Binary, paths: &Paths) -> Option<Haproxy> {
+    pub async fn adopt(paths: &Paths) -> Option<Haproxy> {
         let pid: u32 = std::fs::read_to_string(paths.pidfile()).ok()?.trim().parse().ok()?;
         if !is_our_master(pid, paths) {
             return None;
@@ -137,7 +136,7 @@ impl Haproxy {
             return None;
         }
         let exited = watch_foreign(pid).ok()?;
-        Some(Haproxy { binary: binary.clone(), paths: paths.clone(), pid, adopted: true, exited })
+        Some(Haproxy { paths: paths.clone(), pid, adopted: true, exited })
     }
 
     /// Starts a master on the config in the runtime directory and waits
@@ -211,7 +210,7 @@ impl Haproxy {
                 return Err(SupervisorError::StartTimeout(limit));
             }
         }
-        Ok(Haproxy { binary: binary.clone(), paths: paths.clone(), pid, adopted: false, exited })
+        Ok(Haproxy { paths: paths.clone(), pid, adopted: false, exited })
     }
 
     /// `show proc` on the master CLI.
@@ -312,11 +311,6 @@ impl Haproxy {
         };
         let _ = std::fs::remove_file(self.paths.pidfile());
         exit
-    }
-
-    /// The binary this master runs.
-    pub fn binary(&self) -> &Binary {
-        &self.binary
     }
 }
 

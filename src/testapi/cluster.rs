@@ -130,11 +130,6 @@ impl Cluster {
         *self.counts.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Watches currently open.
-    pub fn watchers(&self) -> usize {
-        self.live.receiver_count()
-    }
-
     fn object(&self, s: &State) -> serde_json::Value {
         let rv = s.rv.to_string();
         if self.slices {

@@ -366,11 +366,6 @@ impl ApiServer {
         self.shared.freeze.set(false);
     }
 
-    /// True while crashed.
-    pub fn is_crashed(&self) -> bool {
-        self.task.lock().unwrap_or_else(|e| e.into_inner()).is_none()
-    }
-
     /// Comes back on the same address after [`ApiServer::crash`].
     pub async fn restart(&self) -> Result<(), TestApiError> {
         self.crash();
@@ -389,20 +384,6 @@ impl ApiServer {
     /// Like SIGCONT after [`ApiServer::hang`].
     pub fn resume(&self) {
         self.shared.freeze.set(false);
-    }
-
-    /// Current condition, for humans.
-    pub fn condition(&self) -> String {
-        if self.is_crashed() {
-            "crashed (connections refused)".into()
-        } else if self.shared.freeze.frozen.load(Ordering::SeqCst) {
-            "hung (accepts TCP, never answers)".into()
-        } else {
-            match self.shared.readyz.load(Ordering::SeqCst) {
-                200 => "serving".into(),
-                s => format!("/readyz answers {s}"),
-            }
-        }
     }
 }
 
