@@ -77,6 +77,10 @@ pub struct ConfigStatus {
     pub last_reload: Option<ReloadRecord>,
     /// Why the current config file is not applied, if it is not.
     pub pending_error: Option<String>,
+    /// Reload requests (SIGHUP) handled so far. `apilb reload` waits for
+    /// this to move, then reads the outcome from `pending_error`.
+    #[serde(default)]
+    pub reload_requests: u64,
 }
 
 /// One reload attempt.

@@ -522,6 +522,7 @@ impl Agent {
             Ok(loaded) => self.apply(loaded, "reload requested").await,
             Err(e) => self.refuse("invalid_config", e.to_string(), true),
         }
+        self.status.config.reload_requests += 1;
         self.publish_config();
         systemd::notify("READY=1");
     }
