@@ -171,8 +171,13 @@ impl Lab {
                 .await?,
             );
         }
-        let listen = SocketAddr::from(([127, 0, 0, 1], free_port(opts.listen_port)?));
-        let metrics = SocketAddr::from(([127, 0, 0, 1], free_port(opts.metrics_port)?));
+        // Hold the first port while picking the second, so they differ.
+        let listen_port = free_port(opts.listen_port)?;
+        let held = StdListener::bind(("127.0.0.1", listen_port))?;
+        let metrics_port = free_port(opts.metrics_port)?;
+        drop(held);
+        let listen = SocketAddr::from(([127, 0, 0, 1], listen_port));
+        let metrics = SocketAddr::from(([127, 0, 0, 1], metrics_port));
         let lab = Lab {
             dir,
             pki,
