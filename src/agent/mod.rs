@@ -591,7 +591,13 @@ impl Agent {
             return;
         };
         if let Err(e) = haproxy.save_server_state().await {
-            tracing::warn!(error = %e, "cannot save server state before the reload; masters start UP in the new worker");
+            // The new worker would load a stale state file (the failed
+            // write leaves the old one): a master DOWN now could start UP.
+            // Like any failed step, this refuses the change.
+            let _ = std::fs::remove_file(&staged);
+            self.refused_hash = Some(loaded.rendered.hash.clone());
+            self.refuse("failed", format!("cannot save the server state before the reload: {e}"), true);
+            return;
         }
         if let Err(e) = promote(&self.paths, &staged, &loaded.rendered) {
             self.refuse("failed", e.to_string(), true);

@@ -127,15 +127,61 @@ impl Haproxy {
     /// paths. Returns `None` when there is none (stale pidfile, other
     /// process, no answer on the master socket).
     pub async fn adopt(paths: &Paths) -> Option<Haproxy> {
-        let pid: u32 = std::fs::read_to_string(paths.pidfile()).ok()?.trim().parse().ok()?;
-        if !is_our_master(pid, paths) {
-            return None;
+        let content = match std::fs::read(paths.pidfile()) {
+            Ok(c) => c,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+            Err(e) => format!("<unreadable: {e}>").into_bytes(),
+        };
+        let content = String::from_utf8_lossy(&content);
+        if let Ok(pid) = content.trim().parse::<u32>()
+            && is_our_master(pid, paths)
+        {
+            let proc = show_proc_at(&paths.master_socket(), cli::DEFAULT_TIMEOUT).await.ok()?;
+            if proc.master_pid != pid {
+                return None;
+            }
+            let exited = watch_foreign(pid).ok()?;
+            return Some(Haproxy { paths: paths.clone(), pid, adopted: true, exited });
         }
-        let proc = show_proc_at(&paths.master_socket(), cli::DEFAULT_TIMEOUT).await.ok()?;
-        if proc.master_pid != pid {
+        Self::adopt_without_pidfile(paths, &content).await
+    }
+
+    /// The pidfile names no master of ours (corrupt, truncated, empty or
+    /// stale). A master still answering on our master socket is adopted
+    /// anyway and the pidfile rewritten: starting a second HAProxy would
+    /// fail to bind the frontend (`noreuseport`).
+    async fn adopt_without_pidfile(paths: &Paths, content: &str) -> Option<Haproxy> {
+        let pidfile = paths.pidfile();
+        let content: String = content.trim().chars().take(40).collect();
+        // One attempt first: a socket nothing listens on refuses at once.
+        let found = if tokio::net::UnixStream::connect(paths.master_socket()).await.is_ok() {
+            show_proc_at(&paths.master_socket(), cli::DEFAULT_TIMEOUT)
+                .await
+                .ok()
+                .map(|p| p.master_pid)
+                .filter(|pid| is_our_master(*pid, paths))
+        } else {
+            None
+        };
+        let Some(pid) = found else {
+            tracing::warn!(
+                path = %pidfile.display(),
+                ?content,
+                "ignoring the HAProxy pidfile: it names no running HAProxy master of this agent"
+            );
             return None;
-        }
+        };
         let exited = watch_foreign(pid).ok()?;
+        tracing::warn!(
+            path = %pidfile.display(),
+            ?content,
+            pid,
+            "the HAProxy pidfile does not name the running master; found it through the master socket \
+             and rewrote the pidfile"
+        );
+        if let Err(e) = fsutil::write_atomic(&pidfile, format!("{pid}\n").as_bytes(), 0o644) {
+            tracing::warn!(path = %pidfile.display(), error = %e, "cannot rewrite the HAProxy pidfile");
+        }
         Some(Haproxy { paths: paths.clone(), pid, adopted: true, exited })
     }
 
