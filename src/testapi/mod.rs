@@ -16,6 +16,7 @@
 //! through a load balancer and counts failures.
 
 pub mod cluster;
+pub mod pool;
 
 use std::collections::HashMap;
 use std::io;
