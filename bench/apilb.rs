@@ -1,23 +1,40 @@
-//! apilb's benchmarks: they print numbers, they assert nothing.
+//! apilb's benchmarks: they print numbers (Markdown tables on stdout, one
+//! JSON document on disk), they assert nothing. BENCHMARKS.md quotes them.
 //!
-//!     cargo bench --bench apilb            # everything
-//!     cargo bench --bench apilb -- render  # only sections whose name contains "render"
+//!     scripts/bench                        # everything (installs HAProxy, nginx)
+//!     scripts/bench --quick                # smaller loads, shorter windows
+//!     scripts/bench failover reload        # only the sections named
+//!     scripts/bench --json out.json        # where the JSON goes
 //!
-//! Needs HAProxy on PATH (scripts/ensure-deps). Runs the real agent and
-//! HAProxy against local test API servers, like the integration tests.
-//! Numbers from a noisy 2-core machine are indicative; compare runs on the
-//! same machine.
+//! Sections: failover (crash, hang, readyz 503, blackhole; apilb against
+//! the baseline of seed 004), reload (disruption over many changes),
+//! overhead (latency and throughput against direct and nginx), footprint
+//! (idle CPU and memory with 3 and 100 masters), and apilb-only ones:
+//! render, discovery, restart.
+//!
+//! Everything runs on this machine: real HAProxy, real apilb processes,
+//! test API servers with real TLS on loopback (one in a network namespace
+//! for the blackhole). Every load is bounded and stops by itself.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+mod clients;
+mod failover;
+mod footprint;
+mod lbs;
+mod netns;
+mod overhead;
+mod reload;
+mod report;
+
+use std::path::PathBuf;
 
 use apilb::agent::{self, Control};
 use apilb::config::Config;
 use apilb::inputs::Inputs;
 use apilb::lab::{ClusterKind, Lab, LabOptions, loopback};
 use apilb::render::{Paths, render};
-use apilb::testapi::{Load, Session};
+use apilb::testapi::Session;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
@@ -85,57 +102,6 @@ async fn stop(lab: Lab, handle: agent::Handle) {
     handle.send(Control::Shutdown).await;
     let _ = handle.wait().await;
     drop(lab);
-}
-
-async fn connection_rate(
-    addr: SocketAddr,
-    tls: Arc<rustls::ClientConfig>,
-    token: &str,
-    clients: usize,
-) -> (f64, String) {
-    let secs = 5;
-    // Latency per connection: connect + TLS + GET /version, sequentially.
-    let mut lat = Vec::new();
-    for _ in 0..200 {
-        let t = Instant::now();
-        let mut s = Session::connect(addr, tls.clone(), Some(token)).await.expect("connect");
-        s.served_by().await.expect("request");
-        lat.push(t.elapsed());
-    }
-    let load = Load::start(addr, tls, Some(token.to_owned()), clients);
-    tokio::time::sleep(Duration::from_secs(secs)).await;
-    let r = load.stop().await;
-    assert_eq!(r.failed, 0, "{:?}", r.errors);
-    (r.ok as f64 / secs as f64, summary(lat))
-}
-
-async fn bench_connections() {
-    println!("## new connections (TCP + TLS + GET /version), 4 concurrent clients, 5s");
-    let (lab, handle) = lab_and_agent(LabOptions::default(), |_| String::new()).await;
-    let tls = lab.client_tls().expect("tls");
-    let (direct, direct_lat) = connection_rate(lab.servers[0].addr(), tls.clone(), &lab.token, 4).await;
-    let (via, via_lat) = connection_rate(lab.listen, tls, &lab.token, 4).await;
-    println!("  direct to one test server : {direct:>8.0} conn/s; one at a time: {direct_lat}");
-    println!("  through apilb's HAProxy   : {via:>8.0} conn/s; one at a time: {via_lat}");
-    stop(lab, handle).await;
-}
-
-async fn bench_reloads() {
-    println!("## validated hitless reload (SIGHUP -> haproxy -c -> reload -> confirmed by show proc)");
-    let (lab, handle) = lab_and_agent(LabOptions::default(), |_| String::new()).await;
-    let mut times = Vec::new();
-    let mut status = handle.status();
-    for i in 0..15 {
-        let yaml = lab.config_yaml(&format!("timeouts:\n  connect: {}ms\n", 3100 + i));
-        lab.write_config(&yaml).expect("config");
-        let before = status.borrow().config.hash.clone();
-        let t = Instant::now();
-        handle.send(Control::Reload).await;
-        let _ = status.wait_for(|s| s.config.hash != before).await;
-        times.push(t.elapsed());
-    }
-    println!("  reload confirmed: {}", summary(times));
-    stop(lab, handle).await;
 }
 
 async fn bench_discovery() {
@@ -214,30 +180,86 @@ async fn bench_restart() {
     stop(lab, handle).await;
 }
 
-fn main() {
-    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
-    let wanted = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
-    if std::env::var_os("PATH").is_some_and(|p| !p.to_string_lossy().contains("/usr/sbin")) {
-        // SAFETY: set before any thread is started.
-        unsafe {
-            std::env::set_var("PATH", format!("{}:/usr/sbin", std::env::var("PATH").unwrap_or_default()))
-        };
+/// The command line: section names, `--quick`, `--json PATH`.
+struct Args {
+    sections: Vec<String>,
+    quick: bool,
+    json: PathBuf,
+}
+
+fn args() -> Args {
+    let mut out =
+        Args { sections: Vec::new(), quick: false, json: PathBuf::from("target/bench/apilb-bench.json") };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => out.quick = true,
+            "--json" => out.json = it.next().map(PathBuf::from).unwrap_or(out.json),
+            // cargo bench passes --bench.
+            s if s.starts_with('-') => {}
+            s => out.sections.push(s.to_owned()),
+        }
     }
-    println!(
-        "# apilb benchmarks ({} CPUs)\n",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
-    );
+    out
+}
+
+fn main() {
+    let args = args();
+    let wanted =
+        |name: &str| args.sections.is_empty() || args.sections.iter().any(|f| name.contains(f.as_str()));
+    // SAFETY: set before any thread is started.
+    unsafe { std::env::set_var("PATH", lbs::path_env()) };
+    // Thousands of connections: client and server side of each.
+    let _ = raise_fd_limit();
+    let machine = report::machine();
+    println!("# apilb benchmarks{}\n", if args.quick { " (--quick)" } else { "" });
+    println!("machine: {}\n", serde_json::to_string(&machine).unwrap_or_default());
+    let mut rep = report::Report::default();
+    rep.set("machine", machine);
+    rep.set("quick", serde_json::json!(args.quick));
     if wanted("render") {
         bench_render();
     }
+    let q = args.quick;
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    rt.block_on(async {
-        if wanted("connections") {
-            bench_connections().await;
+    let run = async {
+        if wanted("failover") {
+            let sizes = failover::Sizes {
+                rate: if q { 50 } else { 100 },
+                long_lived: if q { 60 } else { 200 },
+                period: Duration::from_secs(1),
+                warmup: Duration::from_secs(2),
+                window: Duration::from_secs(if q { 8 } else { 12 }),
+            };
+            // `failover hang` runs only the hang scenario.
+            let names: Vec<&String> =
+                args.sections.iter().filter(|s| !"failover".contains(s.as_str())).collect();
+            let pick =
+                |scenario: &str| names.is_empty() || names.iter().any(|n| scenario.contains(n.as_str()));
+            rep.set("failover", failover::bench(sizes, &pick).await);
         }
         if wanted("reload") {
-            bench_reloads().await;
+            let sizes = reload::Sizes {
+                changes: if q { 20 } else { 100 },
+                rate: if q { 50 } else { 100 },
+                long_lived: if q { 50 } else { 200 },
+                long_lived_per_change: 2,
+                period: Duration::from_secs(1),
+            };
+            rep.set("reload", reload::bench(sizes).await);
+        }
+        if wanted("overhead") {
+            let sizes = overhead::Sizes {
+                connections: if q { 100 } else { 500 },
+                requests: if q { 500 } else { 3000 },
+                concurrency: 8,
+                duration: Duration::from_secs(if q { 2 } else { 5 }),
+            };
+            rep.set("overhead", overhead::bench(sizes).await);
+        }
+        if wanted("footprint") {
+            rep.set("footprint", footprint::bench(Duration::from_secs(if q { 10 } else { 60 })).await);
         }
         if wanted("discovery") {
             bench_discovery().await;
@@ -245,5 +267,23 @@ fn main() {
         if wanted("restart") {
             bench_restart().await;
         }
+    };
+    rt.block_on(async {
+        // Ctrl-C drops the run, and with it every process it started.
+        tokio::select! {
+            () = run => {}
+            _ = tokio::signal::ctrl_c() => println!("\ninterrupted: the JSON holds the sections that finished"),
+        }
     });
+    match rep.write(&args.json) {
+        Ok(()) => println!("JSON: {}", args.json.display()),
+        Err(e) => println!("cannot write {}: {e}", args.json.display()),
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit.
+fn raise_fd_limit() -> nix::Result<()> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
 }

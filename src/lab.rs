@@ -248,6 +248,23 @@ impl Lab {
         Ok(self.servers.len() - 1)
     }
 
+    /// Starts another API server of the lab on a listener bound elsewhere
+    /// (the benchmarks' network namespace); returns its index in `servers`.
+    pub fn add_server_on(&mut self, name: &str, listener: StdListener) -> Result<usize, TestApiError> {
+        let server = ApiServer::start_on(
+            listener,
+            ApiServerOptions {
+                name: name.to_owned(),
+                cert: self.serving.clone(),
+                auth: self.server_auth.clone(),
+                bind: SocketAddr::from(([0, 0, 0, 0], 0)),
+                cluster: self.cluster.clone(),
+            },
+        )?;
+        self.servers.push(server);
+        Ok(self.servers.len() - 1)
+    }
+
     /// The `masters:` entries for the given servers.
     pub fn masters_yaml(&self, servers: &[&ApiServer]) -> String {
         servers.iter().map(|s| format!("  - {{name: {}, address: \"{}\"}}\n", s.name(), s.addr())).collect()

@@ -348,7 +348,8 @@ async fn reload(path: &Path, pid: Option<i32>, timeout: Duration) -> Result<(), 
     // it cannot be predicted from apilb.yaml alone.)
     let sent = std::time::Instant::now();
     loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // A local HTTP request: cheap enough to ask often.
+        tokio::time::sleep(Duration::from_millis(25)).await;
         let now = status_client::fetch(addr).await.map_err(|e| (EXIT_FAILURE, e.to_string()))?;
         if now.config.reload_requests > before.config.reload_requests {
             return match &now.config.pending_error {

@@ -310,6 +310,22 @@ struct Shared {
     cluster: Option<Arc<Cluster>>,
 }
 
+impl Shared {
+    fn new(opts: ApiServerOptions) -> Result<Arc<Shared>, TestApiError> {
+        let tls = server_tls(&opts.cert, opts.auth.client_ca_pem.as_deref())?;
+        Ok(Arc::new(Shared {
+            name: opts.name,
+            auth: opts.auth,
+            readyz: AtomicU16::new(200),
+            freeze: Arc::default(),
+            stats: ApiStats::default(),
+            tls: Arc::new(tls),
+            sockets: Arc::default(),
+            cluster: opts.cluster,
+        }))
+    }
+}
+
 /// A running test API server. Dropping it stops it.
 pub struct ApiServer {
     shared: Arc<Shared>,
@@ -320,18 +336,25 @@ pub struct ApiServer {
 impl ApiServer {
     /// Binds and starts serving.
     pub async fn start(opts: ApiServerOptions) -> Result<ApiServer, TestApiError> {
-        let tls = server_tls(&opts.cert, opts.auth.client_ca_pem.as_deref())?;
-        let shared = Arc::new(Shared {
-            name: opts.name,
-            auth: opts.auth,
-            readyz: AtomicU16::new(200),
-            freeze: Arc::default(),
-            stats: ApiStats::default(),
-            tls: Arc::new(tls),
-            sockets: Arc::default(),
-            cluster: opts.cluster,
-        });
-        let listener = TcpListener::bind(opts.bind).await?;
+        let bind = opts.bind;
+        let shared = Shared::new(opts)?;
+        Self::serve_on(TcpListener::bind(bind).await?, shared)
+    }
+
+    /// Starts serving on a listener bound elsewhere (`opts.bind` is
+    /// ignored): the benchmarks bind one inside a network namespace, where
+    /// it can be black-holed. [`ApiServer::restart`] rebinds its address
+    /// in the caller's namespace, so it is not for such servers.
+    pub fn start_on(
+        listener: std::net::TcpListener,
+        opts: ApiServerOptions,
+    ) -> Result<ApiServer, TestApiError> {
+        let shared = Shared::new(opts)?;
+        listener.set_nonblocking(true)?;
+        Self::serve_on(TcpListener::from_std(listener)?, shared)
+    }
+
+    fn serve_on(listener: TcpListener, shared: Arc<Shared>) -> Result<ApiServer, TestApiError> {
         let addr = listener.local_addr()?;
         let task = spawn_serve(listener, shared.clone());
         Ok(ApiServer { shared, addr, task: Mutex::new(Some(task)) })
