@@ -84,7 +84,58 @@ pub async fn show_proc(lab: &Lab) -> Result<ProcInfo, String> {
 /// lab, found in /proc by their command line (which names the lab's
 /// master socket).
 pub fn haproxy_processes(lab: &Lab) -> Vec<u32> {
-    let needle = lab.path("run/master.sock").display().to_string();
+    processes_mentioning(&lab.path("run/master.sock").display().to_string())
+}
+
+/// A check timeout of 5s instead of the lab's 1s. With thousands of TLS
+/// clients, the test API servers share two cores with everything else and
+/// a check can take longer than a second: HAProxy then (rightly) marks the
+/// master DOWN and closes its sessions, which is not what these tests
+/// measure. Rewrites the config.
+pub fn tolerant_checks(lab: &mut Lab) {
+    lab.health.timeout = "5s".into();
+    lab.write_config(&lab.config_yaml("")).unwrap();
+}
+
+/// The masters' state transitions from apilb's metrics, to explain closed
+/// connections (a master marked DOWN has its sessions closed).
+pub fn transitions(metrics: &str) -> Vec<&str> {
+    metrics.lines().filter(|l| l.starts_with("apilb_master_transitions_total")).collect()
+}
+
+/// On drop, SIGKILLs every HAProxy process still running for the labs it
+/// watches (found in /proc by the lab's path in its command line): a test
+/// that fails half-way, with a damaged pidfile or a tmpfs over the runtime
+/// directory, must not leave HAProxy behind. Declare it before the `Env`,
+/// so it runs after the Env's own cleanup (which stops the agent first).
+#[derive(Default)]
+pub struct Reaper {
+    labs: Vec<String>,
+}
+
+impl Reaper {
+    /// Also cleans up after `lab`.
+    pub fn watch(&mut self, lab: &Lab) {
+        self.labs.push(lab.dir.path().display().to_string());
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for lab in &self.labs {
+            for pid in processes_mentioning(lab) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+/// Live HAProxy master-worker processes with an argument starting with
+/// `prefix`.
+fn processes_mentioning(prefix: &str) -> Vec<u32> {
     let mut pids = Vec::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return pids;
@@ -102,7 +153,7 @@ pub fn haproxy_processes(lab: &Lab) -> Vec<u32> {
         let is_master_worker = args.iter().any(|a| a == "-W");
         if is_haproxy
             && is_master_worker
-            && args.iter().any(|a| a.starts_with(&needle))
+            && args.iter().any(|a| a.starts_with(prefix))
             && apilb::haproxy::supervisor::alive(pid)
         {
             pids.push(pid);
@@ -110,22 +161,6 @@ pub fn haproxy_processes(lab: &Lab) -> Vec<u32> {
     }
     pids.sort_unstable();
     pids
-}
-
-/// A check timeout of 5s instead of the lab's 1s. With thousands of TLS
-/// clients, the test API servers share two cores with everything else and
-/// a check can take longer than a second: HAProxy then (rightly) marks the
-/// master DOWN and closes its sessions, which is not what these tests
-/// measure. Rewrites the config.
-pub fn tolerant_checks(lab: &mut Lab) {
-    lab.health.timeout = "5s".into();
-    lab.write_config(&lab.config_yaml("")).unwrap();
-}
-
-/// The masters' state transitions from apilb's metrics, to explain closed
-/// connections (a master marked DOWN has its sessions closed).
-pub fn transitions(metrics: &str) -> Vec<&str> {
-    metrics.lines().filter(|l| l.starts_with("apilb_master_transitions_total")).collect()
 }
 
 /// Options for a pool of connections through the lab's frontend.
@@ -318,18 +353,24 @@ pub fn all_up(n: usize) -> impl Fn(&Status) -> bool {
 }
 
 /// A tmpfs mounted over a directory; unmounted (lazily, so a process still
-/// using it cannot keep it) on drop.
+/// using it cannot keep it) on drop. Declare it before the `Env` whose lab
+/// holds it: the Env's cleanup reads HAProxy's pidfile from the mount.
 pub struct Tmpfs {
     pub dir: PathBuf,
+    /// Removed, whatever is left of it, after unmounting: the lab's
+    /// TempDir cannot remove a directory holding a mount point.
+    lab_dir: PathBuf,
 }
 
 impl Tmpfs {
-    /// Mounts a tmpfs of `size` bytes (mode 0700) on `dir`. `Err` when this
-    /// process may not mount (not root, no CAP_SYS_ADMIN, a container).
-    pub fn mount(dir: &Path, size: u64) -> Result<Tmpfs, String> {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        mount(dir, 0, &format!("size={size},mode=0700"))?;
-        Ok(Tmpfs { dir: dir.to_owned() })
+    /// Mounts a tmpfs of `size` bytes (mode 0700) on the lab's directory
+    /// `name`. `Err` when this process may not mount (not root, no
+    /// CAP_SYS_ADMIN, a container).
+    pub fn mount(lab: &Lab, name: &str, size: u64) -> Result<Tmpfs, String> {
+        let dir = lab.path(name);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        mount(&dir, 0, &format!("size={size},mode=0700"))?;
+        Ok(Tmpfs { dir, lab_dir: lab.dir.path().to_owned() })
     }
 
     /// Remounts it read-only (`ro`) or read-write.
@@ -388,6 +429,9 @@ impl Drop for Tmpfs {
             // SAFETY: a valid NUL-terminated path.
             unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
         }
+        // The lab's TempDir could not remove a mount point: finish its job
+        // (the last mount's drop succeeds).
+        let _ = std::fs::remove_dir_all(&self.lab_dir);
     }
 }
 

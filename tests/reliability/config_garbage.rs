@@ -69,7 +69,9 @@ async fn data_plane(lab: &Lab) -> DataPlane {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_config_file_is_refused_by_a_reload_request() {
     let _serial = exclusive().await;
+    let mut reaper = Reaper::default();
     let mut env = Env::new(LabOptions::default()).await;
+    reaper.watch(&env.lab);
     env.start_agent().await;
     env.wait_all_up().await;
     let path = env.lab.config_path().display().to_string();
@@ -155,7 +157,9 @@ async fn apilb_reload(lab: &Lab) -> (std::process::ExitStatus, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_config_file_fails_apilb_reload_and_the_agent_carries_on() {
     let _serial = exclusive().await;
+    let mut reaper = Reaper::default();
     let env = Env::new(LabOptions::default()).await;
+    reaper.watch(&env.lab);
     let mut agent = AgentProcess::spawn(&env.lab, "agent", &[]);
     agent.wait_ready(&env.lab).await;
     wait_remote_status(&env.lab, Duration::from_secs(15), "every master UP", all_up(3)).await;

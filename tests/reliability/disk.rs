@@ -22,13 +22,15 @@ enum Fault {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_or_read_only_directories_refuse_the_change_and_keep_serving() {
     let _serial = exclusive().await;
-    let mut env = Env::new(LabOptions::default()).await;
-    // Small tmpfs mounts as the lab's runtime_dir and state_dir, before the
-    // agent creates them. Declared after `env`, so they are unmounted
-    // before the lab directory is removed.
+    let mut reaper = Reaper::default();
+    // Small tmpfs mounts as the lab's runtime_dir and state_dir, made before
+    // the agent creates them. Declared before `env`, so they are unmounted
+    // after the Env's cleanup has read HAProxy's pidfile from them.
     let mut mounts = Vec::new();
+    let mut env = Env::new(LabOptions::default()).await;
+    reaper.watch(&env.lab);
     for dir in ["run", "state"] {
-        match Tmpfs::mount(&env.lab.path(dir), 1 << 20) {
+        match Tmpfs::mount(&env.lab, dir, 1 << 20) {
             Ok(m) => mounts.push(m),
             Err(e) => {
                 measured("disk", &format!("skipped: {e} (needs root or CAP_SYS_ADMIN)"));

@@ -45,7 +45,9 @@ async fn sigkill_of_each_component_under_load() {
     let _serial = exclusive().await;
     raise_nofile();
     let held_n = pick(100, 1000);
+    let mut reaper = Reaper::default();
     let mut env = Env::new(LabOptions::default()).await;
+    reaper.watch(&env.lab);
     tolerant_checks(&mut env.lab);
     let masters = env.lab.servers.len();
     let mut agent = AgentProcess::spawn(&env.lab, "agent-1", &[]);

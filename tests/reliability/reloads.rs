@@ -31,7 +31,9 @@ async fn long_lived_connections_survive_twenty_reloads_under_load() {
     // the hard RLIMIT_NOFILE (20000 here) is lower.
     let extra = "  maxconn: 9000\n";
 
+    let mut reaper = Reaper::default();
     let mut env = Env::new(LabOptions::default()).await;
+    reaper.watch(&env.lab);
     tolerant_checks(&mut env.lab);
     env.lab.write_config(&config_variant(&env.lab, 0, extra)).unwrap();
     env.start_agent().await;

@@ -83,8 +83,10 @@ fn warnings_about(agent: &AgentProcess, file: &Path) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_saved_master_set_is_ignored_with_a_warning() {
     let _serial = exclusive().await;
+    let mut reaper = Reaper::default();
     let env =
         Env::new(LabOptions { cluster: Some(ClusterKind::EndpointSlices), ..LabOptions::default() }).await;
+    reaper.watch(&env.lab);
     env.lab.write_config(&env.lab.config_yaml(&env.lab.discovery_yaml(""))).unwrap();
     let file = env.lab.path("state/masters.json");
     let discovered = |s: &apilb::status::Status| {
@@ -137,7 +139,9 @@ async fn a_corrupt_saved_master_set_is_ignored_with_a_warning() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_server_state_file_is_ignored_with_a_warning() {
     let _serial = exclusive().await;
+    let mut reaper = Reaper::default();
     let env = Env::new(LabOptions::default()).await;
+    reaper.watch(&env.lab);
     let file = env.lab.path("state/servers.state");
     let mut agent = spawn(&env, "agent-0");
     agent.wait_ready(&env.lab).await;
@@ -193,7 +197,9 @@ async fn a_corrupt_server_state_file_is_ignored_with_a_warning() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_pidfile_does_not_stop_adoption_or_start() {
     let _serial = exclusive().await;
+    let mut reaper = Reaper::default();
     let env = Env::new(LabOptions::default()).await;
+    reaper.watch(&env.lab);
     let file = env.lab.path("run/haproxy.pid");
     let mut agent = spawn(&env, "agent-0");
     agent.wait_ready(&env.lab).await;
