@@ -180,6 +180,9 @@ async fn bench_restart() {
     stop(lab, handle).await;
 }
 
+/// The sections, in the order they run.
+const SECTIONS: [&str; 7] = ["render", "failover", "reload", "overhead", "footprint", "discovery", "restart"];
+
 /// The command line: section names, `--quick`, `--json PATH`.
 struct Args {
     sections: Vec<String>,
@@ -205,8 +208,15 @@ fn args() -> Args {
 
 fn main() {
     let args = args();
-    let wanted =
-        |name: &str| args.sections.is_empty() || args.sections.iter().any(|f| name.contains(f.as_str()));
+    // Words naming a section pick sections; other words pick failover
+    // scenarios (`scripts/bench hang blackhole`).
+    let (sections, scenarios): (Vec<&String>, Vec<&String>) =
+        args.sections.iter().partition(|w| SECTIONS.iter().any(|s| s.contains(w.as_str())));
+    let wanted = |name: &str| {
+        (sections.is_empty() && scenarios.is_empty())
+            || sections.iter().any(|w| name.contains(w.as_str()))
+            || (name == "failover" && !scenarios.is_empty())
+    };
     // SAFETY: set before any thread is started.
     unsafe { std::env::set_var("PATH", lbs::path_env()) };
     // Thousands of connections: client and server side of each.
@@ -232,11 +242,9 @@ fn main() {
                 warmup: Duration::from_secs(2),
                 window: Duration::from_secs(if q { 8 } else { 12 }),
             };
-            // `failover hang` runs only the hang scenario.
-            let names: Vec<&String> =
-                args.sections.iter().filter(|s| !"failover".contains(s.as_str())).collect();
-            let pick =
-                |scenario: &str| names.is_empty() || names.iter().any(|n| scenario.contains(n.as_str()));
+            let pick = |scenario: &str| {
+                scenarios.is_empty() || scenarios.iter().any(|n| scenario.contains(n.as_str()))
+            };
             rep.set("failover", failover::bench(sizes, &pick).await);
         }
         if wanted("reload") {
