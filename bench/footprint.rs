@@ -46,6 +46,19 @@ fn usage(pid: u32) -> Option<Usage> {
     })
 }
 
+/// Memory of a HAProxy master and its workers, KiB: the sum of their
+/// proportional set sizes (a page shared by n processes counts 1/n in
+/// each), so pages shared after a fork are not counted many times.
+pub fn haproxy_pss_kib(master: u32) -> u64 {
+    std::iter::once(master)
+        .chain(children_of(master))
+        .filter_map(|pid| {
+            let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+            text.lines().find(|l| l.starts_with("Pss:"))?.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
 /// A HAProxy master and its workers, summed.
 fn haproxy_usage(master: u32) -> Usage {
     let mut total = Usage::default();
@@ -65,7 +78,8 @@ fn over(before: Usage, after: Usage, secs: f64) -> (f64, u64) {
     ((cpu * 100.0).round() / 100.0, after.rss_kib)
 }
 
-fn mib(kib: u64) -> String {
+/// KiB as MiB with one decimal.
+pub fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
 }
 

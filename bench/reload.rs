@@ -58,6 +58,7 @@ async fn run(kind: LbKind, sizes: Sizes) -> Result<(Value, Vec<String>), String>
     let duration = start.elapsed();
     let master = lb.haproxy_pid();
     let after_changes = processes(master);
+    let pss_kib = master.map(crate::footprint::haproxy_pss_kib).unwrap_or(0);
     let end = Instant::now();
     let clients = long.len();
     let (attempts, long) = tokio::join!(news.stop(), long.stop());
@@ -101,6 +102,7 @@ async fn run(kind: LbKind, sizes: Sizes) -> Result<(Value, Vec<String>), String>
             "connections_closed_by_the_lb": reconnects,
         },
         "haproxy_processes_after_changes": after_changes,
+        "haproxy_pss_kib_after_changes": pss_kib,
         "haproxy_processes_after_clients_left": after_clients,
     });
     let row = vec![
@@ -110,7 +112,7 @@ async fn run(kind: LbKind, sizes: Sizes) -> Result<(Value, Vec<String>), String>
         cell(&failed_new, attempts.len()),
         cell(&failed_long, requests.len()),
         format!("{reconnects} of {clients}"),
-        after_changes.to_string(),
+        format!("{after_changes} ({})", crate::footprint::mib(pss_kib)),
         after_clients.to_string(),
     ];
     Ok((json, row))
@@ -150,7 +152,7 @@ pub async fn bench(sizes: Sizes) -> Value {
                 "new connections failed",
                 "long-lived requests failed",
                 "long-lived connections closed",
-                "HAProxy processes after the changes",
+                "HAProxy processes (memory) after the changes",
                 "after the clients left",
             ],
             &rows
