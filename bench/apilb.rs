@@ -259,6 +259,7 @@ fn main() {
         }
         if wanted("overhead") {
             let sizes = overhead::Sizes {
+                rounds: if q { 1 } else { 3 },
                 connections: if q { 100 } else { 500 },
                 requests: if q { 500 } else { 3000 },
                 concurrency: 8,

@@ -419,14 +419,10 @@ impl Nginx {
             )),
         }
     }
-
-    /// Kills nginx and its workers.
-    pub fn stop(self) {
-        drop(self);
-    }
 }
 
 impl Drop for Nginx {
+    /// Kills nginx and its workers.
     fn drop(&mut self) {
         kill_tree(self.child.id());
         let _ = self.child.wait();

@@ -17,6 +17,8 @@ use crate::report::{latency, table};
 /// How many samples and for how long.
 #[derive(Clone, Copy, Debug)]
 pub struct Sizes {
+    /// Rounds over every path.
+    pub rounds: usize,
     /// Sequential new connections timed one by one.
     pub connections: usize,
     /// Sequential requests on one connection timed one by one.
@@ -31,24 +33,32 @@ async fn connect(t: &Target) -> Result<Session, String> {
     Session::connect(t.addr, t.tls.clone(), Some(&t.token)).await
 }
 
-/// Latencies and throughputs through `t`.
-async fn measure(t: &Target, sizes: Sizes) -> Result<(Value, Vec<String>), String> {
+/// One round of measurements through one path.
+#[derive(Default)]
+struct Round {
+    conn_lat: Vec<Duration>,
+    req_lat: Vec<Duration>,
+    conn_rate: f64,
+    req_rate: f64,
+}
+
+/// Latencies and throughputs through `t`, once.
+async fn measure(t: &Target, sizes: Sizes) -> Result<Round, String> {
     // Warm up (TLS session caches, HAProxy's checks settled).
     for _ in 0..20 {
         connect(t).await?.served_by().await?;
     }
-    let mut conn_lat = Vec::with_capacity(sizes.connections);
+    let mut round = Round::default();
     for _ in 0..sizes.connections {
         let s = Instant::now();
         connect(t).await?.served_by().await?;
-        conn_lat.push(s.elapsed());
+        round.conn_lat.push(s.elapsed());
     }
     let mut session = connect(t).await?;
-    let mut req_lat = Vec::with_capacity(sizes.requests);
     for _ in 0..sizes.requests {
         let s = Instant::now();
         session.served_by().await?;
-        req_lat.push(s.elapsed());
+        round.req_lat.push(s.elapsed());
     }
     // Closed loops: each client starts its next request when one ends.
     let deadline = Instant::now() + sizes.duration;
@@ -86,28 +96,51 @@ async fn measure(t: &Target, sizes: Sizes) -> Result<(Value, Vec<String>), Strin
         reqs += r.map_err(|e| e.to_string())??;
     }
     let secs = sizes.duration.as_secs_f64();
+    round.conn_rate = conns as f64 / secs;
+    round.req_rate = reqs as f64 / secs;
+    Ok(round)
+}
+
+/// Median and range of the rounds' rates.
+fn rates(mut v: Vec<f64>) -> (Value, String) {
+    v.sort_by(f64::total_cmp);
+    let median = v.get(v.len() / 2).copied().unwrap_or(0.0);
+    let (min, max) = (v.first().copied().unwrap_or(0.0), v.last().copied().unwrap_or(0.0));
+    (
+        json!({"median": median.round(), "min": min.round(), "max": max.round(), "rounds": v.len()}),
+        format!("{median:.0} ({min:.0}–{max:.0})"),
+    )
+}
+
+/// The rounds of one path: latencies pooled, rates as median and range.
+fn summarize(rounds: Vec<Round>) -> (Value, Vec<String>) {
+    let conn_lat = rounds.iter().flat_map(|r| r.conn_lat.iter().copied()).collect();
+    let req_lat = rounds.iter().flat_map(|r| r.req_lat.iter().copied()).collect();
     let (conn_json, conn_text) = latency(conn_lat);
     let (req_json, req_text) = latency(req_lat);
-    let (conn_rate, req_rate) = (conns as f64 / secs, reqs as f64 / secs);
-    Ok((
+    let (conn_rate, conn_rate_text) = rates(rounds.iter().map(|r| r.conn_rate).collect());
+    let (req_rate, req_rate_text) = rates(rounds.iter().map(|r| r.req_rate).collect());
+    (
         json!({
             "new_connection_latency": conn_json,
             "request_latency": req_json,
-            "new_connections_per_s": conn_rate.round(),
-            "requests_per_s": req_rate.round(),
+            "new_connections_per_s": conn_rate,
+            "requests_per_s": req_rate,
         }),
-        vec![conn_text, format!("{conn_rate:.0}"), req_text, format!("{req_rate:.0}")],
-    ))
+        vec![conn_text, conn_rate_text, req_text, req_rate_text],
+    )
 }
 
-/// Every path, on one lab of 3 masters.
+/// Every path, on one lab of 3 masters, in interleaved rounds (so a slow
+/// moment of this shared machine does not land on one path only).
 pub async fn bench(sizes: Sizes) -> Value {
     println!(
         "## overhead: TLS requests (GET /version) direct and through each proxy\n\n\
-         Latency: {} new connections (TCP + TLS + request) one at a time, and {} requests one at a time on \
-         one connection. Throughput: {} concurrent clients for {:?}, opening a connection per request, \
-         then keeping one each. Clients, proxy and servers share this machine's CPUs.\n",
-        sizes.connections, sizes.requests, sizes.concurrency, sizes.duration
+         {} rounds, the paths interleaved. Latency: {} new connections (TCP + TLS + request) one at a time, \
+         and {} requests one at a time on one connection, per round, pooled over the rounds. Throughput: {} \
+         concurrent clients for {:?}, opening a connection per request, then keeping one each: the median \
+         round, and the range. Clients, proxy and servers share this machine's CPUs.\n",
+        sizes.rounds, sizes.connections, sizes.requests, sizes.concurrency, sizes.duration
     );
     let lab = match Lab::start(LabOptions::default()).await {
         Ok(l) => l,
@@ -121,48 +154,51 @@ pub async fn bench(sizes: Sizes) -> Value {
         Err(e) => return json!({"error": e.to_string()}),
     };
     let target = |addr| Target { addr, tls: tls.clone(), token: lab.token.clone() };
-    let mut rows = Vec::new();
-    let mut results = Vec::new();
-    let mut record = |name: &str, r: Result<(Value, Vec<String>), String>| match r {
-        Ok((mut json, cells)) => {
-            json["path"] = json!(name);
-            results.push(json);
-            let mut row = vec![name.to_owned()];
-            row.extend(cells);
-            rows.push(row);
-        }
-        Err(e) => {
-            println!("{name}: failed: {e}");
-            results.push(json!({"path": name, "error": e}));
+    let mut errors = Vec::new();
+    let apilb = Apilb::start(&lab, "").await.map_err(|e| errors.push(("apilb (HAProxy)", e))).ok();
+    let baseline = Baseline::start(&lab).await.map_err(|e| errors.push(("baseline (HAProxy)", e))).ok();
+    let nginx = match Nginx::binary() {
+        Some(bin) => Nginx::start(&lab, &bin).await.map_err(|e| errors.push(("nginx stream", e))).ok(),
+        None => {
+            println!("nginx is not installed: its row is skipped (scripts/bench installs it when it can)\n");
+            None
         }
     };
-
-    record("direct to one master", measure(&target(lab.servers[0].addr()), sizes).await);
-    match Apilb::start(&lab, "").await {
-        Ok(lb) => {
-            record("apilb (HAProxy)", measure(&target(lb.addr), sizes).await);
-            lb.stop().await;
-        }
-        Err(e) => record("apilb (HAProxy)", Err(e)),
-    }
-    match Baseline::start(&lab).await {
-        Ok(lb) => {
-            record("baseline (HAProxy)", measure(&target(lb.addr), sizes).await);
-            lb.stop();
-        }
-        Err(e) => record("baseline (HAProxy)", Err(e)),
-    }
-    match Nginx::binary() {
-        Some(bin) => match Nginx::start(&lab, &bin).await {
-            Ok(lb) => {
-                record("nginx stream", measure(&target(lb.addr), sizes).await);
-                lb.stop();
+    let mut paths = vec![("direct to one master", target(lab.servers[0].addr()))];
+    paths.extend(apilb.as_ref().map(|lb| ("apilb (HAProxy)", target(lb.addr))));
+    paths.extend(baseline.as_ref().map(|lb| ("baseline (HAProxy)", target(lb.addr))));
+    paths.extend(nginx.as_ref().map(|lb| ("nginx stream", target(lb.addr))));
+    let mut rounds: Vec<Result<Vec<Round>, String>> = paths.iter().map(|_| Ok(Vec::new())).collect();
+    for _ in 0..sizes.rounds {
+        for (i, (_, t)) in paths.iter().enumerate() {
+            if let Ok(done) = &mut rounds[i] {
+                match measure(t, sizes).await {
+                    Ok(r) => done.push(r),
+                    Err(e) => rounds[i] = Err(e),
+                }
             }
-            Err(e) => record("nginx stream", Err(e)),
-        },
-        None => {
-            println!("nginx is not installed: its row is skipped (scripts/bench installs it when it can)\n")
         }
+    }
+    if let Some(lb) = apilb {
+        lb.stop().await;
+    }
+    drop((baseline, nginx));
+    let mut rows = Vec::new();
+    let mut results = Vec::new();
+    for ((name, _), r) in paths.iter().zip(rounds) {
+        match r {
+            Ok(r) => {
+                let (mut json, cells) = summarize(r);
+                json["path"] = json!(name);
+                results.push(json);
+                rows.push(std::iter::once(name.to_string()).chain(cells).collect());
+            }
+            Err(e) => errors.push((name, e)),
+        }
+    }
+    for (name, e) in errors {
+        println!("{name}: failed: {e}");
+        results.push(json!({"path": name, "error": e}));
     }
     println!(
         "{}",
@@ -179,6 +215,7 @@ pub async fn bench(sizes: Sizes) -> Value {
     );
     json!({
         "settings": {
+            "rounds": sizes.rounds,
             "connections": sizes.connections,
             "requests": sizes.requests,
             "concurrency": sizes.concurrency,
