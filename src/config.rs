@@ -385,6 +385,50 @@ impl Config {
                 ),
             ));
         }
+
+        // haproxy.cfg holds these paths as bare words, and names and paths
+        // in its comments: a line break would end the line, and a blank,
+        // '#', a quote or '\' would cut or change the word.
+        let text = |p: &Path| p.to_string_lossy().into_owned();
+        let mut words = vec![
+            ("haproxy.runtime_dir".to_owned(), text(&self.haproxy.runtime_dir)),
+            ("haproxy.state_dir".to_owned(), text(&self.haproxy.state_dir)),
+        ];
+        let mut lines = Vec::new();
+        if let Some(ca) = &tls.ca_file {
+            words.push(("health.tls.ca_file".to_owned(), text(ca)));
+        }
+        if let Some(p) = &auth.token_file {
+            lines.push(("health.auth.token_file".to_owned(), text(p)));
+        }
+        if let Some(p) = &auth.cert_file {
+            lines.push(("health.auth.cert_file".to_owned(), text(p)));
+        }
+        for (i, wk) in auth.well_known.iter().enumerate() {
+            lines.push((format!("health.auth.well_known[{i}].name"), wk.name.clone()));
+            lines.push((format!("health.auth.well_known[{i}].cert_file"), text(&wk.cert_file)));
+            if let Some(ca) = &wk.ca_file {
+                words.push((format!("health.auth.well_known[{i}].ca_file"), text(ca)));
+            }
+        }
+        for (field, s) in words {
+            let bad =
+                |c: &char| c.is_control() || c.is_ascii_whitespace() || matches!(c, '#' | '"' | '\'' | '\\');
+            if let Some(c) = s.chars().find(bad) {
+                return Err((
+                    field,
+                    format!(
+                        "{s:?} contains {c:?}; haproxy.cfg cannot hold a path with blanks, control \
+                         characters, '#', quotes or '\\'"
+                    ),
+                ));
+            }
+        }
+        for (field, s) in lines {
+            if let Some(c) = s.chars().find(|c| c.is_control()) {
+                return Err((field, format!("{s:?} contains the control character {c:?}")));
+            }
+        }
         Ok(())
     }
 }

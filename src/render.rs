@@ -286,6 +286,8 @@ pub fn render(config: &Config, inputs: &Inputs, paths: &Paths) -> Rendered {
             let _ = write!(check_send, " hdr Authorization {value}");
             secrets.push(token.expose().to_owned());
             secrets.push(token.expose().replace('%', "%%"));
+            // As written inside the quotes, where a `'` becomes `'\''`.
+            secrets.push(token.expose().replace('%', "%%").replace('\'', "'\\''"));
         }
         Credential::ClientCert { bundle, digest, .. } => {
             aux_files.push(AuxFile { path: paths.client_bundle(digest), contents: bundle.clone() });
@@ -384,4 +386,36 @@ pub fn scratch_paths(scratch: &Path) -> Paths {
 /// DOWN sooner, without checking healthy masters more often.
 pub fn fastinter(interval: crate::config::Duration) -> crate::config::Duration {
     crate::config::Duration::from_millis((interval.as_millis() / 4).max(100))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inputs::CheckAuth;
+
+    /// Found by fuzzing (the `config` target's redaction check): a bearer
+    /// token may hold `'` (read_token accepts it), which haproxy.cfg writes
+    /// as `'\''`; everything after it survived redaction.
+    #[test]
+    fn a_token_with_a_quote_is_redacted_whole() {
+        let yaml = "masters: [10.0.0.1:6443]\n\
+                    health: {tls: {insecure_skip_verify: true}, auth: {mode: bearer, token_file: /t}}\n";
+        let config = Config::parse(yaml, "test").unwrap_or_else(|e| panic!("{e}"));
+        let token = "abc%def'ghijklmnop";
+        let inputs = Inputs {
+            check: CheckAuth {
+                verify: Verify::Insecure,
+                credential: Credential::Bearer { token: Secret::new(token), path: "/t".into() },
+                bootstrap: false,
+                source: "token file /t".into(),
+                notes: Vec::new(),
+            },
+            stats_password: None,
+        };
+        let rendered = render(&config, &inputs, &Paths::from_config(&config));
+        assert!(rendered.text.contains("hdr Authorization 'Bearer abc%%def'\\''ghijklmnop'"));
+        let redacted = rendered.redacted();
+        assert!(redacted.contains("hdr Authorization 'Bearer <redacted>'"), "{redacted}");
+        assert!(!redacted.contains("ghijklmnop"), "{redacted}");
+    }
 }

@@ -365,6 +365,46 @@ fn haproxy_settings() {
     err_has("masters: [10.0.0.1:6443]\nhaproxy: {maxconn: 0}\n", "haproxy.maxconn: 0 is out of range");
 }
 
+/// Found by fuzzing (fuzz/regressions/config): these paths are words of
+/// haproxy.cfg and these names and paths go into its comments. A line break
+/// added a line; an unquoted '#' starts a comment, so HAProxy 2.6 accepted
+/// `stats socket /run/a#b/haproxy.sock mode 600 level admin` and created a
+/// socket at /run/a without `mode 600`, where apilb never looks.
+#[test]
+fn paths_written_into_haproxy_cfg_cannot_break_it() {
+    for (yaml, needle) in [
+        (with_ca("haproxy: {runtime_dir: /run/a#b}\n"), "haproxy.runtime_dir: \"/run/a#b\" contains '#'"),
+        (with_ca("haproxy: {state_dir: \"/var/lib/a b\"}\n"), "haproxy.state_dir: \"/var/lib/a b\" contains ' '"),
+        (with_ca("haproxy: {runtime_dir: \"/run/a'b\"}\n"), "haproxy.runtime_dir: \"/run/a'b\" contains '\\''"),
+        (with_ca("haproxy: {runtime_dir: \"/run/a\\\\b\"}\n"), "contains '\\\\'"),
+        (
+            "masters: [10.0.0.1:6443]\nhealth:\n  tls:\n    ca_file: \"@\\rXTURES@/ca.crt\"\n  auth:\n    mode: none\n"
+                .to_owned(),
+            "health.tls.ca_file: \"@\\rXTURES@/ca.crt\" contains '\\r'",
+        ),
+        (
+            "masters: [10.0.0.1:6443]\nhealth:\n  auth:\n    well_known: [{name: x, cert_file: /c, ca_file: \"/a\\tb\"}]\n"
+                .to_owned(),
+            "health.auth.well_known[0].ca_file: \"/a\\tb\" contains '\\t'",
+        ),
+        (
+            "masters: [10.0.0.1:6443]\nhealth:\n  auth:\n    well_known: [{name: \"a\\nb\", cert_file: /c}]\n".to_owned(),
+            "health.auth.well_known[0].name: \"a\\nb\" contains the control character '\\n'",
+        ),
+        (
+            with_ca("  auth: {mode: bearer, token_file: \"/t\\n\"}\n"),
+            "health.auth.token_file: \"/t\\n\" contains the control character '\\n'",
+        ),
+    ] {
+        err_has(&yaml, needle);
+    }
+    // Blanks and '#' stay allowed where apilb only reads the file itself.
+    let c = parse(&with_ca(
+        "  auth: {mode: bearer, token_file: \"/etc/apilb/my token#1\"}\nhaproxy: {binary: \"/opt/ha proxy\"}\n",
+    ));
+    assert_eq!(c.health.auth.token_file, Some(PathBuf::from("/etc/apilb/my token#1")));
+}
+
 #[test]
 fn malformed_yaml_reports_the_line() {
     let e = err("masters:\n  - 10.0.0.1:6443\n bad indentation: [\n");

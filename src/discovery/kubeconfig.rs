@@ -130,9 +130,20 @@ impl KubeAccess {
 
 /// Reads the kubeconfig at `path`.
 pub fn load(path: &Path) -> Result<KubeAccess, KubeconfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| KubeconfigError { path: path.to_owned(), problem: e.to_string() })?;
+    parse(path, &text, &|p: &Path| std::fs::read(p))
+}
+
+/// Builds the access from the kubeconfig `text` found at `path`; `read`
+/// reads the files it refers to (the only I/O).
+pub(crate) fn parse(
+    path: &Path,
+    text: &str,
+    read: &dyn Fn(&Path) -> std::io::Result<Vec<u8>>,
+) -> Result<KubeAccess, KubeconfigError> {
     let err = |problem: String| KubeconfigError { path: path.to_owned(), problem };
-    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-    let raw: Raw = serde_yaml::from_str(&text).map_err(|e| err(e.to_string()))?;
+    let raw: Raw = serde_yaml::from_str(text).map_err(|e| err(e.to_string()))?;
     let base = path.parent().unwrap_or(Path::new("/"));
     let resolve = |p: &Path| if p.is_absolute() { p.to_owned() } else { base.join(p) };
 
@@ -165,7 +176,7 @@ pub fn load(path: &Path) -> Result<KubeAccess, KubeconfigError> {
             (Some(data), _) => {
                 decode_base64(data).map_err(|e| err(format!("certificate-authority-data: {e}")))?
             }
-            (None, Some(file)) => std::fs::read(resolve(file))
+            (None, Some(file)) => read(&resolve(file))
                 .map_err(|e| err(format!("certificate-authority {}: {e}", resolve(file).display())))?,
             (None, None) => return Err(err("the cluster has no certificate-authority".into())),
         };
@@ -179,27 +190,36 @@ pub fn load(path: &Path) -> Result<KubeAccess, KubeconfigError> {
         builder.with_root_certificates(roots)
     };
 
-    let read = |data: &Option<String>,
-                file: &Option<PathBuf>,
-                what: &str|
+    let read_pem = |data: &Option<String>,
+                    file: &Option<PathBuf>,
+                    what: &str|
      -> Result<Option<Vec<u8>>, KubeconfigError> {
         match (data, file) {
             (Some(d), _) => decode_base64(d).map(Some).map_err(|e| err(format!("{what}-data: {e}"))),
-            (None, Some(f)) => std::fs::read(resolve(f))
-                .map(Some)
-                .map_err(|e| err(format!("{what} {}: {e}", resolve(f).display()))),
+            (None, Some(f)) => {
+                read(&resolve(f)).map(Some).map_err(|e| err(format!("{what} {}: {e}", resolve(f).display())))
+            }
             (None, None) => Ok(None),
         }
     };
     let (mut auth, mut token) = ("none", None);
     let tls = match user {
         Some(u) => {
-            let cert = read(&u.cert_data, &u.cert_file, "client-certificate")?;
-            let key = read(&u.key_data, &u.key_file, "client-key")?;
+            let cert = read_pem(&u.cert_data, &u.cert_file, "client-certificate")?;
+            let key = read_pem(&u.key_data, &u.key_file, "client-key")?;
             if let Some(t) = &u.token {
                 token = Some(Secret::new(t.trim()));
             } else if let Some(f) = &u.token_file {
-                let t = std::fs::read_to_string(resolve(f)).map_err(|e| err(format!("tokenFile: {e}")))?;
+                let t = read(&resolve(f))
+                    .and_then(|b| {
+                        String::from_utf8(b).map_err(|_| {
+                            std::io::Error::new(
+                                std::io::ErrorKind::InvalidData,
+                                "stream did not contain valid UTF-8",
+                            )
+                        })
+                    })
+                    .map_err(|e| err(format!("tokenFile: {e}")))?;
                 token = Some(Secret::new(t.trim()));
             }
             if token.is_some() {

@@ -77,7 +77,7 @@ pub fn spawn(opts: Options, tx: mpsc::Sender<Update>) -> JoinHandle<()> {
 
 /// Why one list/watch session ended.
 #[derive(Debug)]
-enum End {
+pub(crate) enum End {
     /// The resourceVersion expired: list again at once.
     Expired,
     /// Anything else: back off, then list again.
@@ -219,45 +219,64 @@ async fn session(
                     return End::Error(format!("watch {}: no event or end within its timeout", api.name()));
                 }
             };
-            let event: WatchEvent = match serde_json::from_slice(&line) {
-                Ok(e) => e,
-                Err(e) => return End::Error(format!("watch {}: unreadable event: {e}", api.name())),
-            };
-            match event.kind.as_str() {
-                "ERROR" => {
-                    let code = event.object.get("code").and_then(|c| c.as_u64()).unwrap_or(0);
-                    if code == 410 {
-                        return End::Expired;
-                    }
-                    let msg = event.object.get("message").and_then(|m| m.as_str()).unwrap_or("");
-                    return End::Error(format!("watch {}: error {code}: {msg}", api.name()));
-                }
-                kind @ ("ADDED" | "MODIFIED" | "DELETED" | "BOOKMARK") => {
-                    let meta: Meta = event
-                        .object
-                        .get("metadata")
-                        .and_then(|m| serde_json::from_value(m.clone()).ok())
-                        .unwrap_or_default();
-                    if !meta.resource_version.is_empty() {
-                        rv = meta.resource_version;
-                    }
-                    match kind {
-                        "BOOKMARK" => {
-                            alive.beat(tx).await;
-                            continue;
-                        }
-                        "DELETED" => {
-                            objects.remove(&meta.name);
-                        }
-                        _ => {
-                            objects.insert(meta.name, event.object);
-                        }
-                    }
-                    report(&objects, api, opts, tx, last).await;
-                }
-                other => return End::Error(format!("watch {}: unknown event type {other:?}", api.name())),
+            match apply_event(&line, api, &mut rv, &mut objects) {
+                Ok(Event::Bookmark) => alive.beat(tx).await,
+                Ok(Event::Changed) => report(&objects, api, opts, tx, last).await,
+                Err(end) => return end,
             }
         }
+    }
+}
+
+/// What one watch event did.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Event {
+    /// An object was added, modified or deleted.
+    Changed,
+    /// Only the resourceVersion advanced.
+    Bookmark,
+}
+
+/// Applies one line of a watch stream to the objects by name and to the
+/// resourceVersion the next watch resumes from.
+pub(crate) fn apply_event(
+    line: &[u8],
+    api: Api,
+    rv: &mut String,
+    objects: &mut BTreeMap<String, serde_json::Value>,
+) -> Result<Event, End> {
+    let event: WatchEvent = serde_json::from_slice(line)
+        .map_err(|e| End::Error(format!("watch {}: unreadable event: {e}", api.name())))?;
+    match event.kind.as_str() {
+        "ERROR" => {
+            let code = event.object.get("code").and_then(|c| c.as_u64()).unwrap_or(0);
+            if code == 410 {
+                return Err(End::Expired);
+            }
+            let msg = event.object.get("message").and_then(|m| m.as_str()).unwrap_or("");
+            Err(End::Error(format!("watch {}: error {code}: {msg}", api.name())))
+        }
+        kind @ ("ADDED" | "MODIFIED" | "DELETED" | "BOOKMARK") => {
+            let meta: Meta = event
+                .object
+                .get("metadata")
+                .and_then(|m| serde_json::from_value(m.clone()).ok())
+                .unwrap_or_default();
+            if !meta.resource_version.is_empty() {
+                *rv = meta.resource_version;
+            }
+            match kind {
+                "BOOKMARK" => return Ok(Event::Bookmark),
+                "DELETED" => {
+                    objects.remove(&meta.name);
+                }
+                _ => {
+                    objects.insert(meta.name, event.object);
+                }
+            }
+            Ok(Event::Changed)
+        }
+        other => Err(End::Error(format!("watch {}: unknown event type {other:?}", api.name()))),
     }
 }
 
@@ -315,8 +334,14 @@ async fn list(client: &Client, api: Api) -> Result<(String, BTreeMap<String, ser
         other => return Err(ListError::Other(format!("list {}: HTTP {other}", api.name()))),
     }
     let bytes = read_all(body, 8 << 20).await.map_err(ListError::Other)?;
-    let list: List =
-        serde_json::from_slice(&bytes).map_err(|e| ListError::Other(format!("list {}: {e}", api.name())))?;
+    parse_list(&bytes).map_err(|e| ListError::Other(format!("list {}: {e}", api.name())))
+}
+
+/// Parses a list response: its resourceVersion and the objects by name.
+pub(crate) fn parse_list(
+    bytes: &[u8],
+) -> Result<(String, BTreeMap<String, serde_json::Value>), serde_json::Error> {
+    let list: List = serde_json::from_slice(bytes)?;
     let objects = list
         .items
         .into_iter()
@@ -670,6 +695,31 @@ mod tests {
         let (found, _) = ready_addresses([&e].into_iter(), Api::Endpoints, &[]);
         let found: Vec<String> = found.iter().map(ToString::to_string).collect();
         assert_eq!(found, ["10.0.0.4:443", "10.0.0.5:443"]);
+    }
+
+    #[test]
+    fn watch_events_update_the_objects_and_the_resource_version() {
+        let (mut rv, mut objects) =
+            parse_list(br#"{"metadata":{"resourceVersion":"7"},"items":[{"metadata":{"name":"a"}}]}"#)
+                .unwrap();
+        assert_eq!((rv.as_str(), objects.len()), ("7", 1));
+        let mut apply = |line: &str| apply_event(line.as_bytes(), Api::EndpointSlices, &mut rv, &mut objects);
+        let added = r#"{"type":"ADDED","object":{"metadata":{"name":"b","resourceVersion":"8"}}}"#;
+        assert_eq!(apply(added).unwrap(), Event::Changed);
+        let bookmark = r#"{"type":"BOOKMARK","object":{"metadata":{"resourceVersion":"9"}}}"#;
+        assert_eq!(apply(bookmark).unwrap(), Event::Bookmark);
+        let deleted = r#"{"type":"DELETED","object":{"metadata":{"name":"a","resourceVersion":"10"}}}"#;
+        assert_eq!(apply(deleted).unwrap(), Event::Changed);
+        assert!(matches!(apply(r#"{"type":"ERROR","object":{"code":410}}"#), Err(End::Expired)));
+        assert!(
+            matches!(apply(r#"{"type":"ERROR","object":{"code":500,"message":"x"}}"#), Err(End::Error(e)) if e.contains("error 500: x"))
+        );
+        assert!(
+            matches!(apply(r#"{"type":"WEIRD"}"#), Err(End::Error(e)) if e.contains("unknown event type"))
+        );
+        assert!(matches!(apply("{not json"), Err(End::Error(e)) if e.contains("unreadable event")));
+        assert_eq!(rv, "10");
+        assert_eq!(objects.keys().collect::<Vec<_>>(), ["b"]);
     }
 
     #[test]

@@ -36,8 +36,12 @@ pub fn load(path: &Path) -> Result<Vec<Master>, String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
     };
-    let file: File =
-        serde_json::from_str(&text).map_err(|e| format!("{} is corrupt: {e}", path.display()))?;
+    parse(&text, path)
+}
+
+/// Parses the saved set's JSON; `path` names the file in the warnings.
+pub fn parse(text: &str, path: &Path) -> Result<Vec<Master>, String> {
+    let file: File = serde_json::from_str(text).map_err(|e| format!("{} is corrupt: {e}", path.display()))?;
     if file.version != 1 {
         return Err(format!("{} has unknown format version {}", path.display(), file.version));
     }
@@ -54,6 +58,12 @@ pub fn load(path: &Path) -> Result<Vec<Master>, String> {
 pub fn save(path: &Path, masters: &[Master]) -> std::io::Result<()> {
     let saved_at =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let json = to_json(masters, saved_at).map_err(std::io::Error::other)?;
+    fsutil::write_atomic(path, &json, 0o600)
+}
+
+/// The file's content for `masters`, written at `saved_at` (Unix seconds).
+pub fn to_json(masters: &[Master], saved_at: u64) -> Result<Vec<u8>, serde_json::Error> {
     let file = File {
         version: 1,
         saved_at,
@@ -62,8 +72,7 @@ pub fn save(path: &Path, masters: &[Master]) -> std::io::Result<()> {
             .map(|m| Entry { name: m.name.clone(), address: m.address.to_string() })
             .collect(),
     };
-    let json = serde_json::to_vec_pretty(&file).map_err(std::io::Error::other)?;
-    fsutil::write_atomic(path, &json, 0o600)
+    serde_json::to_vec_pretty(&file)
 }
 
 #[cfg(test)]
