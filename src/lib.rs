@@ -11,6 +11,8 @@ pub mod config;
 pub mod demo;
 pub mod discovery;
 pub mod fsutil;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod haproxy;
 pub mod http;
 pub mod inputs;

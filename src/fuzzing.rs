@@ -1,0 +1,365 @@
+//! Entry points of the fuzz targets in `fuzz/` (cargo-fuzz, libFuzzer).
+//!
+//! Each function takes the fuzzer's bytes and runs them through the code
+//! that parses text apilb does not write itself, then checks properties
+//! the rest of apilb relies on. A panic is a finding. The fuzz targets are
+//! one-liners calling these, and `tests/fuzz_corpus.rs` replays the
+//! committed corpus and regressions through exactly the same code on the
+//! stable toolchain. No function here touches the filesystem or the network.
+//!
+//! See docs/fuzzing.md.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::config::{Address, AuthMode, Cidr, Config, Master};
+use crate::discovery::{self, Api, kubeconfig, persist};
+use crate::haproxy::{self, output, stat};
+use crate::inputs::{CheckAuth, Credential, Inputs, Secret, Verify};
+use crate::masters::Sources;
+use crate::render::{self, Paths};
+
+/// `apilb.yaml`: [`Config::parse`] on the bytes (when UTF-8) and, when the
+/// config is accepted, what is pure downstream of it: `settings_hash`, and
+/// a render with inputs modelled on what `inputs` would read (see
+/// [`model_inputs`]). Checks that the render is deterministic, that every
+/// master has exactly its two `server` lines and that no value from the
+/// config can add a line, a word, a comment, a quote or a control
+/// character to haproxy.cfg.
+pub fn config(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(config) = Config::parse(text, "fuzz") else { return };
+    let hash = config.settings_hash();
+    assert_eq!(hash.len(), 64, "settings_hash is not a SHA-256 hex digest");
+    for d in [
+        config.health.interval,
+        config.health.timeout,
+        config.timeouts.connect,
+        config.timeouts.client,
+        config.timeouts.server,
+        config.haproxy.hard_stop_after,
+    ] {
+        // Durations are written into haproxy.cfg in their Display form.
+        assert_eq!(d.to_string().parse::<crate::config::Duration>().ok(), Some(d), "{d}");
+    }
+    for m in &config.masters {
+        // The agent reads the server lines of a running haproxy.cfg back,
+        // and the persisted set stores addresses as text.
+        assert_eq!(m.address.to_string().parse::<Address>().as_ref(), Ok(&m.address), "{}", m.address);
+    }
+
+    let inputs = model_inputs(&config);
+    let paths = Paths::from_config(&config);
+    let rendered = render::render(&config, &inputs, &paths);
+    let again = render::render(&config, &inputs, &paths);
+    assert_eq!(rendered, again, "render is not deterministic");
+    let text = &rendered.text;
+    if let Some(c) = text.chars().find(|c| c.is_control() && *c != '\n') {
+        panic!("haproxy.cfg holds the control character {c:?}:\n{text}");
+    }
+    let server_lines: Vec<&str> =
+        text.lines().filter(|l| l.trim_start().starts_with("server ")).map(str::trim_start).collect();
+    assert_eq!(server_lines.len(), 2 * config.masters.len(), "server lines:\n{text}");
+    for m in &config.masters {
+        for name in [m.name.clone(), format!("{}{}", m.name, render::FALLBACK_SUFFIX)] {
+            let prefix = format!("server {name} {} ", m.address);
+            assert_eq!(
+                server_lines.iter().filter(|l| l.starts_with(&prefix)).count(),
+                1,
+                "no single line {prefix:?} in:\n{text}"
+            );
+        }
+    }
+    // The same config with every free-text path and name replaced by a
+    // plain word renders to the same shape: as many lines, and outside
+    // comments as many words and characters HAProxy's parser treats
+    // specially on each line. Nothing from the config adds a line, splits
+    // a word, starts a comment or opens a quote.
+    let plain = plain_paths(&config);
+    let plain_rendered = render::render(&plain, &model_inputs(&plain), &Paths::from_config(&plain));
+    let shape = |t: &str| -> Vec<(usize, usize)> {
+        t.lines()
+            .map(|l| {
+                if l.trim_start().starts_with('#') {
+                    (0, 0)
+                } else {
+                    (l.split_whitespace().count(), l.matches(['#', '"', '\'', '\\']).count())
+                }
+            })
+            .collect()
+    };
+    assert_eq!(
+        shape(text),
+        shape(&plain_rendered.text),
+        "a value of the config changes the structure of haproxy.cfg:\n{text}"
+    );
+    // Redaction removes every part of the secrets: with other secrets of
+    // the same shape, the redacted lines that hold them are identical.
+    let other = render::render(&config, &model_inputs_with(&config, SECRETS[1]), &paths);
+    let secret_lines = |r: &render::Rendered| -> Vec<String> {
+        r.redacted()
+            .lines()
+            .filter(|l| l.starts_with("    http-check send ") || l.starts_with("    user "))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(secret_lines(&rendered), secret_lines(&other), "a part of a secret survives redaction");
+}
+
+/// Two (bearer token, stats password) pairs of the same shape, both valid
+/// as read from their files. Each holds the characters that haproxy.cfg
+/// escapes (`%`, `'`), and starts with `#`, which no other value on the
+/// lines that hold them can contain.
+const SECRETS: [(&str, &str); 2] = [
+    ("#T1-token%with'quote-and-more", "#P1 pass'word%"),
+    ("#T2-abcde%fghi'jklmn-opq-rstu", "#P2 abcd'efgh%"),
+];
+
+/// What `Inputs::gather` would return for `config` if every file it names
+/// existed and were valid, without reading any: the verification and the
+/// credential that the auth mode selects, with the paths and names of the
+/// config in the same places (`source`, `Verify::Ca`) as the real ones.
+pub fn model_inputs(config: &Config) -> Inputs {
+    model_inputs_with(config, SECRETS[0])
+}
+
+/// [`model_inputs`] with this bearer token and stats password.
+fn model_inputs_with(config: &Config, (token, password): (&str, &str)) -> Inputs {
+    let tls = &config.health.tls;
+    let auth = &config.health.auth;
+    let digest = |data: &str| -> String {
+        Sha256::digest(data.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    };
+    let ca = |path: &Path| Verify::Ca { path: path.to_owned(), digest: digest(&path.display().to_string()) };
+    let client_cert = |path: &Path| {
+        let bundle = format!("-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n", path.display());
+        Credential::ClientCert {
+            digest: digest(&bundle),
+            bundle: Secret::new(bundle),
+            cert_path: path.to_owned(),
+        }
+    };
+    let bearer = |path: &Path| Credential::Bearer { token: Secret::new(token), path: path.to_owned() };
+    let explicit = || match &tls.ca_file {
+        Some(p) => ca(p),
+        None => Verify::Insecure,
+    };
+    let fixed = |verify: Verify, credential: Credential, source: String| CheckAuth {
+        verify,
+        credential,
+        bootstrap: false,
+        source,
+        notes: Vec::new(),
+    };
+    let empty = PathBuf::new();
+    let check = match auth.mode {
+        AuthMode::None => fixed(explicit(), Credential::Anonymous, "none".into()),
+        AuthMode::Bearer => {
+            let path = auth.token_file.as_ref().unwrap_or(&empty);
+            fixed(explicit(), bearer(path), format!("token file {}", path.display()))
+        }
+        AuthMode::ClientCert => {
+            let path = auth.cert_file.as_ref().unwrap_or(&empty);
+            fixed(explicit(), client_cert(path), format!("certificate {}", path.display()))
+        }
+        AuthMode::Auto => {
+            let configured = match &tls.ca_file {
+                Some(p) => Some(ca(p)),
+                None if tls.insecure_skip_verify => Some(Verify::Insecure),
+                None => None,
+            };
+            let found = if let Some(c) = &auth.cert_file {
+                Some((client_cert(c), format!("certificate {}", c.display()), None))
+            } else if let Some(t) = &auth.token_file {
+                Some((bearer(t), format!("token file {}", t.display()), None))
+            } else {
+                auth.well_known.first().map(|wk| {
+                    (
+                        client_cert(&wk.cert_file),
+                        format!("{} ({})", wk.name, wk.cert_file.display()),
+                        wk.ca_file.as_deref().map(ca),
+                    )
+                })
+            };
+            let bootstrap = |verify| CheckAuth {
+                verify,
+                credential: Credential::Anonymous,
+                bootstrap: true,
+                source: "no usable credential yet".into(),
+                notes: Vec::new(),
+            };
+            match found {
+                Some((credential, source, paired)) => match configured.or(paired) {
+                    Some(verify) => fixed(verify, credential, source),
+                    None => bootstrap(Verify::BootstrapNoCa),
+                },
+                None => bootstrap(configured.unwrap_or(Verify::BootstrapNoCa)),
+            }
+        }
+    };
+    let stats_password = config.stats.as_ref().and_then(|s| s.auth.as_ref()).map(|_| Secret::new(password));
+    Inputs { check, stats_password }
+}
+
+/// `config` with every path and free-text name replaced by a plain word.
+fn plain_paths(config: &Config) -> Config {
+    let mut c = config.clone();
+    let plain = |p: &mut Option<PathBuf>| {
+        if p.is_some() {
+            *p = Some(PathBuf::from("/p"));
+        }
+    };
+    c.haproxy.runtime_dir = "/r".into();
+    c.haproxy.state_dir = "/s".into();
+    plain(&mut c.health.tls.ca_file);
+    plain(&mut c.health.auth.token_file);
+    plain(&mut c.health.auth.cert_file);
+    plain(&mut c.health.auth.key_file);
+    for wk in &mut c.health.auth.well_known {
+        wk.name = "n".into();
+        wk.cert_file = "/p".into();
+        plain(&mut wk.key_file);
+        plain(&mut wk.ca_file);
+    }
+    c
+}
+
+/// Replies read from HAProxy's sockets and output: `show stat`,
+/// `show proc`, `haproxy -v`, the lines of its stdout/stderr and the
+/// status column. HAProxy is a process apilb does not control, so none of
+/// these may panic whatever it prints.
+pub fn haproxy_reply(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    if let Ok(stats) = stat::parse_show_stat(&text) {
+        for s in &stats.servers {
+            let _ = s.state();
+        }
+    }
+    if let Ok(proc) = stat::parse_show_proc(&text) {
+        let _ = proc.workers.len() + proc.old_workers.len();
+    }
+    let rendered = redacting_render();
+    for line in text.lines() {
+        let (_, _, msg) = output::parse_line(line);
+        assert!(line.contains(msg), "parse_line invented {msg:?} from {line:?}");
+        // What HAProxy prints is logged through the redactor.
+        let logged = rendered.redact(msg);
+        for secret in [SECRETS[0].0, SECRETS[0].1] {
+            let prefix: String = secret.chars().take(6).collect();
+            assert!(!logged.contains(&prefix), "{prefix:?} survives redaction in {logged:?}");
+        }
+        if let Some(v) = haproxy::parse_version(line) {
+            assert!(line.contains(&v.full), "{v:?} from {line:?}");
+        }
+        let _ = stat::ServerState::from_status(line);
+    }
+}
+
+/// A render with a bearer token and a stats password, made once.
+fn redacting_render() -> &'static render::Rendered {
+    static RENDERED: std::sync::OnceLock<render::Rendered> = std::sync::OnceLock::new();
+    RENDERED.get_or_init(|| {
+        let yaml = "masters: [10.0.0.1:6443]\n\
+                    health: {tls: {insecure_skip_verify: true}, auth: {mode: bearer, token_file: /t}}\n\
+                    stats: {auth: {user: u, password_file: /p}}\n";
+        let config = Config::parse(yaml, "fuzz").unwrap_or_else(|e| panic!("{e}"));
+        render::render(&config, &model_inputs(&config), &Paths::from_config(&config))
+    })
+}
+
+/// Answers of the Kubernetes API to the discovery watcher (untrusted
+/// network input): the first line is a list response (EndpointSlices, or
+/// Endpoints), every further line a watch event applied to it, as the
+/// watcher does. After each step the ready addresses are computed for both
+/// APIs, with and without `allowed_cidrs`, and fed to the master-set
+/// policy. Checks that what discovery reports is sorted, unique, allowed
+/// and survives the persisted file, and that the policy names every master
+/// once with a valid name.
+pub fn discovery(data: &[u8]) {
+    let mut lines = data.split(|b| *b == b'\n');
+    let first = lines.next().unwrap_or_default();
+    let Ok((mut rv, mut objects)) = discovery::parse_list(first) else { return };
+    check_discovered(&objects);
+    for line in lines {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let before = (rv.clone(), objects.clone());
+        if discovery::apply_event(line, Api::EndpointSlices, &mut rv, &mut objects).is_err() {
+            assert_eq!(before, (rv, objects), "a refused event changed the state");
+            return;
+        }
+        check_discovered(&objects);
+    }
+}
+
+/// Checks what discovery would report for `objects`, and what the policy
+/// and the persisted file make of it.
+fn check_discovered(objects: &BTreeMap<String, serde_json::Value>) {
+    let allowed: Vec<Cidr> = ["10.0.0.0/8", "fd00::/8"].iter().filter_map(|c| c.parse().ok()).collect();
+    for api in [Api::EndpointSlices, Api::Endpoints] {
+        for cidrs in [&[][..], &allowed[..]] {
+            let (found, _refused) = discovery::ready_addresses(objects.values(), api, cidrs);
+            assert!(found.windows(2).all(|w| (w[0].host_str(), w[0].port) < (w[1].host_str(), w[1].port)));
+            for a in &found {
+                assert!(a.port != 0);
+                if let crate::config::Host::Ip(ip) = a.host {
+                    assert!(cidrs.is_empty() || cidrs.iter().any(|c| c.contains(ip)), "{a} not allowed");
+                } else {
+                    panic!("discovery reported the DNS name {a}");
+                }
+            }
+            if found.is_empty() {
+                continue;
+            }
+            let seeds = vec![Master { name: "seed".into(), address: found[0].clone() }];
+            let sources = Sources { seeds, persisted: Vec::new(), discovered: Some(found.clone()) };
+            let desired = sources.desired();
+            assert_eq!(desired.len(), found.len());
+            let names: HashSet<&str> = desired.iter().map(|m| m.name.as_str()).collect();
+            assert_eq!(names.len(), desired.len(), "two masters share a name: {desired:?}");
+            for m in &desired {
+                assert!(
+                    !m.name.is_empty()
+                        && m.name.len() <= 63
+                        && m.name
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')),
+                    "invalid server name {:?}",
+                    m.name
+                );
+            }
+            round_trip(&desired);
+        }
+    }
+}
+
+/// What `persist::save` writes, `persist::parse` reads back identically.
+fn round_trip(masters: &[Master]) {
+    let json = persist::to_json(masters, 0).unwrap_or_else(|e| panic!("cannot serialize {masters:?}: {e}"));
+    let text = String::from_utf8_lossy(&json);
+    assert_eq!(persist::parse(&text, Path::new("fuzz")).as_deref(), Ok(masters), "{text}");
+}
+
+/// The persisted master set (`masters.json` in the state directory): a
+/// file apilb wrote, but maybe truncated or edited. What it accepts must
+/// save and load back identically.
+pub fn persisted(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    if let Ok(masters) = persist::parse(text, Path::new("fuzz")) {
+        round_trip(&masters);
+        let sources = Sources { seeds: Vec::new(), persisted: masters, discovered: None };
+        let _ = sources.desired();
+    }
+}
+
+/// A kubeconfig for discovery, with every file it names missing (no I/O).
+pub fn kubeconfig(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    let missing = |_: &Path| -> std::io::Result<Vec<u8>> { Err(std::io::ErrorKind::NotFound.into()) };
+    if let Ok(access) = kubeconfig::parse(Path::new("/fuzz/kubeconfig"), text, &missing) {
+        assert!(access.server.ends_with(|c: char| c.is_ascii_digit()), "{access:?}");
+    }
+}
