@@ -8,7 +8,7 @@ use apilb::lab::{Lab, LabOptions};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use crate::clients::{LongLived, NewConnections, Target, kinds};
+use crate::clients::{LongLived, NewConnections, Target, examples, kinds};
 use crate::lbs::{Lb, LbKind, children_of, poll};
 use crate::report::{latency, ms, table};
 
@@ -93,12 +93,18 @@ async fn run(kind: LbKind, sizes: Sizes) -> Result<(Value, Vec<String>), String>
         "changes_refused": errors,
         "duration_ms": ms(duration),
         "change_applied": reload_json,
-        "new_connections": {"total": attempts.len(), "failed": failed_new.len(), "failures_by_kind": kinds(failed_new.iter().copied())},
+        "new_connections": {
+            "total": attempts.len(),
+            "failed": failed_new.len(),
+            "failures_by_kind": kinds(failed_new.iter().copied()),
+            "failure_examples": examples(failed_new.iter().copied()),
+        },
         "long_lived": {
             "clients": clients,
             "requests": requests.len(),
             "failed": failed_long.len(),
             "failures_by_kind": kinds(failed_long.iter().copied()),
+            "failure_examples": examples(failed_long.iter().copied()),
             "connections_closed_by_the_lb": reconnects,
         },
         "haproxy_processes_after_changes": after_changes,
