@@ -12,6 +12,10 @@
 //! (idle CPU and memory with 3 and 100 masters), and apilb-only ones:
 //! render, discovery, restart.
 //!
+//! `cargo test --all-targets` runs this binary without `--bench`: a smoke
+//! test of about ten seconds (3 reloads, one tiny overhead round) that
+//! fails when a section cannot run.
+//!
 //! Everything runs on this machine: real HAProxy, real apilb processes,
 //! test API servers with real TLS on loopback (one in a network namespace
 //! for the blackhole). Every load is bounded and stops by itself.
@@ -188,20 +192,33 @@ struct Args {
     sections: Vec<String>,
     quick: bool,
     json: PathBuf,
+    /// Run without `--bench`, i.e. by `cargo test --all-targets`: a smoke
+    /// test of a few seconds that fails on any error, so the benchmarks
+    /// cannot rot unnoticed between runs of `scripts/bench`.
+    smoke: bool,
 }
 
 fn args() -> Args {
-    let mut out =
-        Args { sections: Vec::new(), quick: false, json: PathBuf::from("target/bench/apilb-bench.json") };
+    let mut out = Args {
+        sections: Vec::new(),
+        quick: false,
+        json: PathBuf::from("target/bench/apilb-bench.json"),
+        smoke: true,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => out.quick = true,
             "--json" => out.json = it.next().map(PathBuf::from).unwrap_or(out.json),
-            // cargo bench passes --bench.
+            // `cargo bench` passes --bench; `cargo test` does not.
+            "--bench" => out.smoke = false,
             s if s.starts_with('-') => {}
             s => out.sections.push(s.to_owned()),
         }
+    }
+    if out.smoke {
+        out.sections = vec!["reload".into(), "overhead".into()];
+        out.json = PathBuf::from("target/bench/smoke.json");
     }
     out
 }
@@ -222,7 +239,15 @@ fn main() {
     // Thousands of connections: client and server side of each.
     let _ = raise_fd_limit();
     let machine = report::machine();
-    println!("# apilb benchmarks{}\n", if args.quick { " (--quick)" } else { "" });
+    let s = args.smoke;
+    let title = if s {
+        " (smoke test: run scripts/bench for numbers)"
+    } else if args.quick {
+        " (--quick)"
+    } else {
+        ""
+    };
+    println!("# apilb benchmarks{title}\n");
     println!("machine: {}\n", serde_json::to_string(&machine).unwrap_or_default());
     let mut rep = report::Report::default();
     rep.set("machine", machine);
@@ -249,9 +274,21 @@ fn main() {
         }
         if wanted("reload") {
             let sizes = reload::Sizes {
-                changes: if q { 20 } else { 100 },
-                rate: if q { 50 } else { 100 },
-                long_lived: if q { 50 } else { 200 },
+                changes: if s {
+                    3
+                } else if q {
+                    20
+                } else {
+                    100
+                },
+                rate: if q || s { 50 } else { 100 },
+                long_lived: if s {
+                    10
+                } else if q {
+                    50
+                } else {
+                    200
+                },
                 long_lived_per_change: 2,
                 period: Duration::from_secs(1),
             };
@@ -259,11 +296,27 @@ fn main() {
         }
         if wanted("overhead") {
             let sizes = overhead::Sizes {
-                rounds: if q { 1 } else { 3 },
-                connections: if q { 100 } else { 500 },
-                requests: if q { 500 } else { 3000 },
+                rounds: if q || s { 1 } else { 3 },
+                connections: if s {
+                    10
+                } else if q {
+                    100
+                } else {
+                    500
+                },
+                requests: if s {
+                    50
+                } else if q {
+                    500
+                } else {
+                    3000
+                },
                 concurrency: 8,
-                duration: Duration::from_secs(if q { 2 } else { 5 }),
+                duration: if s {
+                    Duration::from_millis(300)
+                } else {
+                    Duration::from_secs(if q { 2 } else { 5 })
+                },
             };
             rep.set("overhead", overhead::bench(sizes).await);
         }
@@ -287,6 +340,10 @@ fn main() {
     match rep.write(&args.json) {
         Ok(()) => println!("JSON: {}", args.json.display()),
         Err(e) => println!("cannot write {}: {e}", args.json.display()),
+    }
+    if args.smoke && rep.has_errors() {
+        eprintln!("smoke test failed: a section could not run (its error is printed above)");
+        std::process::exit(1);
     }
 }
 

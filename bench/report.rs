@@ -17,6 +17,18 @@ impl Report {
         self.sections.insert(section.to_owned(), value);
     }
 
+    /// True when a run recorded an error (a section that could not run).
+    pub fn has_errors(&self) -> bool {
+        fn any(v: &Value) -> bool {
+            match v {
+                Value::Object(m) => m.contains_key("error") || m.values().any(any),
+                Value::Array(a) => a.iter().any(any),
+                _ => false,
+            }
+        }
+        self.sections.values().any(any)
+    }
+
     /// Writes the document, pretty-printed.
     pub fn write(&self, path: &std::path::Path) -> std::io::Result<()> {
         if let Some(dir) = path.parent() {
