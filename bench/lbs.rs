@@ -187,8 +187,11 @@ impl Drop for Apilb {
     }
 }
 
-/// SIGKILLs a master process (HAProxy's, nginx's) and its workers.
+/// SIGKILLs a master process (HAProxy's, nginx's) and its workers. The
+/// master is stopped first: nginx's would replace a killed worker, and the
+/// replacement would outlive it.
 fn kill_tree(master: u32) {
+    signal(master, Signal::SIGSTOP);
     for pid in children_of(master) {
         signal(pid, Signal::SIGKILL);
     }
