@@ -172,13 +172,15 @@ async fn run(fault: Fault, kind: LbKind, sizes: Sizes) -> Result<(Value, Vec<Str
     let long = LongLived::start(target.clone(), sizes.long_lived, sizes.period).await?;
     let news = NewConnections::start(target, sizes.rate);
     tokio::time::sleep(sizes.warmup).await;
-    let at = Instant::now();
     match fault {
         Fault::Crash => lab.servers[victim].crash(),
         Fault::Hang => lab.servers[victim].hang(),
         Fault::NotReady => lab.servers[victim].set_readyz(503),
         Fault::Blackhole => netns.as_ref().ok_or("no namespace")?.blackhole(true)?,
     }
+    // Once in effect: `ip route` takes a few milliseconds, during which a
+    // new connection still reaches the black-holed master and succeeds.
+    let at = Instant::now();
     tokio::time::sleep(sizes.window).await;
     let end = Instant::now();
     let (attempts, long) = tokio::join!(news.stop(), long.stop());
