@@ -377,18 +377,7 @@ async fn a_handover_keeps_the_discovered_masters_without_a_reload() {
 
     // `apilb reload` (systemctl reload) reports success although HAProxy
     // runs the discovered masters, not the ones in apilb.yaml.
-    let config = env.lab.config_path();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_apilb"))
-            .env("PATH", format!("{}:/usr/sbin", std::env::var("PATH").unwrap_or_default()))
-            .args(["reload", "--timeout", "10s", "--config"])
-            .arg(config)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{text}");
+    let (status, text) = support::apilb_reload(&env.lab, "10s").await;
+    assert!(status.success(), "{text}");
     assert!(text.contains("applied"), "{text}");
 }

@@ -137,23 +137,6 @@ async fn a_broken_config_file_is_refused_by_a_reload_request() {
     );
 }
 
-/// `apilb reload --config <path>`: its exit status and output.
-async fn apilb_reload(lab: &Lab) -> (std::process::ExitStatus, String) {
-    let config = lab.config_path();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_apilb"))
-            .env("PATH", format!("{}:/usr/sbin", std::env::var("PATH").unwrap_or_default()))
-            .args(["reload", "--timeout", "20s", "--config"])
-            .arg(config)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status, text)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_config_file_fails_apilb_reload_and_the_agent_carries_on() {
     let _serial = exclusive().await;
@@ -176,7 +159,7 @@ async fn a_broken_config_file_fails_apilb_reload_and_the_agent_carries_on() {
         let what = broken.what;
         let logged_before = agent.logs().matches("configuration change not applied").count();
         write(&env.lab.config_path(), &broken.content);
-        let (status, output) = apilb_reload(&env.lab).await;
+        let (status, output) = apilb_reload(&env.lab, "20s").await;
         assert!(!status.success(), "{what}: apilb reload succeeded: {output}");
         assert!(output.contains(&path) && output.contains(broken.cause), "{what}: {output}");
         // The agent notices the file by itself and says so, once.
@@ -205,7 +188,7 @@ async fn a_broken_config_file_fails_apilb_reload_and_the_agent_carries_on() {
 
     env.lab.write_config(&config_variant(&env.lab, 1, "")).unwrap();
     let fixing = Instant::now();
-    let (status, output) = apilb_reload(&env.lab).await;
+    let (status, output) = apilb_reload(&env.lab, "20s").await;
     assert!(status.success(), "{output}\n{}", agent.logs());
     assert!(output.contains("applied"), "{output}");
     let s = apilb::status_client::fetch(env.lab.metrics).await.unwrap();

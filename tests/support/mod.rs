@@ -196,6 +196,25 @@ pub async fn served_by(env: &Env) -> Result<String, String> {
     s.served_by().await
 }
 
+/// `apilb reload --timeout <timeout> --config <the lab's config>`, as
+/// systemd's ExecReload runs it: its exit status and its stdout + stderr.
+pub async fn apilb_reload(lab: &Lab, timeout: &str) -> (std::process::ExitStatus, String) {
+    let config = lab.config_path();
+    let timeout = timeout.to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_apilb"))
+            .env("PATH", format!("{}:/usr/sbin", std::env::var("PATH").unwrap_or_default()))
+            .args(["reload", "--timeout", &timeout, "--config"])
+            .arg(config)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status, text)
+}
+
 /// `apilb` as a separate process (for SIGKILL and systemd tests), with its
 /// logs in a file of the lab.
 pub struct AgentProcess {
