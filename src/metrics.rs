@@ -56,6 +56,9 @@ pub struct Metrics {
     pub haproxy_restarts_total: IntCounter,
     /// HAProxy workers, current and old (draining after a reload).
     pub haproxy_workers: IntGaugeVec,
+    /// 1 while HAProxy's master reports that its last reload failed (the
+    /// previous worker serves on; 3.1+ calls it recovery mode).
+    pub haproxy_last_reload_failed: IntGauge,
     /// 1, labelled with the hash of the haproxy.cfg in effect (`hash`) and
     /// of the apilb.yaml settings it came from (`settings_hash`).
     pub config_info: IntGaugeVec,
@@ -218,6 +221,11 @@ impl Metrics {
                 "apilb_haproxy_workers",
                 "HAProxy worker processes: current, and old ones still finishing connections after a reload.",
                 &["kind"],
+            ),
+            haproxy_last_reload_failed: gauge(
+                "apilb_haproxy_last_reload_failed",
+                "1 while HAProxy's master reports that its last reload failed, so the worker from \
+                 before it serves on (HAProxy 3.1+ calls this recovery mode).",
             ),
             config_info: gauge_vec(
                 &r,

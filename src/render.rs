@@ -157,8 +157,13 @@ impl CheckPlan {
     pub fn new(config: &Config, inputs: &Inputs, paths: &Paths) -> Self {
         let sni = config.health.tls.server_name();
         let tls = match &inputs.check.verify {
+            // The certificate name is verified against check-sni (measured
+            // on 2.6, 3.0 and 3.2: verifyhost is then ignored by checks).
+            // verifyhost names it too, so verification never depends on
+            // which SNI a version picks (3.3 chooses one by itself when
+            // none is set).
             Verify::Ca { path, .. } => {
-                format!("verify required ca-file {} check-sni {sni}", path.display())
+                format!("verify required ca-file {} check-sni {sni} verifyhost {sni}", path.display())
             }
             Verify::Insecure | Verify::BootstrapNoCa => format!("verify none check-sni {sni}"),
         };

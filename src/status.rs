@@ -48,10 +48,16 @@ pub struct HaproxyStatus {
     pub version: String,
     /// The master's pid.
     pub master_pid: Option<u32>,
-    /// Current worker pids.
+    /// Pids of the workers that accept new connections.
     pub workers: Vec<u32>,
     /// Workers from before a reload still finishing connections.
     pub old_workers: Vec<u32>,
+    /// True while HAProxy's master reports that its last reload failed:
+    /// the worker from before it serves on (HAProxy 3.1+ calls this
+    /// recovery mode and lists that worker among its old workers; it is
+    /// in `workers` here).
+    #[serde(default)]
+    pub last_reload_failed: bool,
     /// True when this agent adopted a running master.
     pub adopted: bool,
     /// Times apilb restarted HAProxy after it died.
@@ -176,6 +182,8 @@ impl Status {
         }
         if self.config.pending_error.is_some() {
             s.push_str("; config change rejected");
+        } else if self.haproxy.last_reload_failed {
+            s.push_str("; HAProxy's last reload failed");
         }
         s
     }

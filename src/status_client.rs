@@ -168,6 +168,13 @@ pub fn render_table(s: &Status) -> String {
         if h.adopted { " (adopted)" } else { "" },
         h.restarts
     );
+    if h.last_reload_failed {
+        let _ = writeln!(
+            out,
+            "HAProxy's last reload failed: worker {} from before it serves on (HAProxy 3.1+: recovery mode)",
+            join(&h.workers)
+        );
+    }
     let c = &s.config;
     let _ = writeln!(
         out,

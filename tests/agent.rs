@@ -134,13 +134,26 @@ async fn an_invalid_config_is_refused_and_the_old_one_keeps_serving() {
         "last good config restored on disk"
     );
     assert!(served_by(&env).await.is_ok());
-    let s = env.wait_status(Duration::from_secs(5), "poll", |s| !s.haproxy.workers.is_empty()).await;
+    // HAProxy's master reports the failed reload (3.1+ lists the serving
+    // worker among its old workers: "recovery mode"); the status names the
+    // worker that serves on every version.
+    let s = env
+        .wait_status(Duration::from_secs(5), "poll", |s| {
+            !s.haproxy.workers.is_empty() && s.haproxy.last_reload_failed
+        })
+        .await;
     assert_eq!(s.haproxy.workers, worker, "the worker serving before is still the one serving");
+    let metrics = http_get(env.agent().metrics_addr(), "/metrics").await.1;
+    assert!(metrics.contains("apilb_haproxy_last_reload_failed 1"), "{metrics}");
+    assert!(metrics.contains("apilb_haproxy_workers{kind=\"current\"} 1"), "{metrics}");
 
     // 3. Back to the good config: accepted without a reload (same hash).
     env.lab.write_config(&good_yaml).unwrap();
     env.agent().send(apilb::agent::Control::Reload).await;
-    env.wait_status(Duration::from_secs(10), "error cleared", |s| s.config.pending_error.is_none()).await;
+    let s =
+        env.wait_status(Duration::from_secs(10), "error cleared", |s| s.config.pending_error.is_none()).await;
+    // Nothing was reloaded, so HAProxy still reports its failed reload.
+    assert!(s.summary().ends_with("; HAProxy's last reload failed"), "{}", s.summary());
     let metrics = http_get(env.agent().metrics_addr(), "/metrics").await.1;
     assert!(metrics.contains("apilb_haproxy_reloads_total{result=\"invalid_config\"} 1"), "{metrics}");
     assert!(metrics.contains("apilb_haproxy_reloads_total{result=\"refused\"} 1"), "{metrics}");

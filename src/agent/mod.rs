@@ -302,7 +302,7 @@ pub async fn start(opts: Options) -> Result<Handle, AgentError> {
     }
     metrics.build_info.with_label_values(&[env!("CARGO_PKG_VERSION"), &version.full]).set(1);
 
-    let haproxy = match Haproxy::adopt(&paths).await {
+    let haproxy = match Haproxy::adopt(&paths, &version).await {
         Some(h) => {
             tracing::info!(
                 pid = h.pid(),
@@ -315,7 +315,7 @@ pub async fn start(opts: Options) -> Result<Handle, AgentError> {
                 AgentError::Rejected { path: opts.config_path.display().to_string(), source }
             })?;
             promote(&paths, &staged, &loaded.rendered)?;
-            let h = Haproxy::spawn(&binary, &paths, &output).await?;
+            let h = Haproxy::spawn(&binary, &version, &paths, &output).await?;
             tracing::info!(pid = h.pid(), config = loaded.rendered.short_hash(), "started HAProxy");
             h
         }
@@ -631,7 +631,10 @@ impl Agent {
                     tracing::error!(error = %re, "cannot restore the previous haproxy.cfg");
                 }
                 self.output.set_redactor(self.running.redactor.clone());
-                self.refused_hash = Some(loaded.rendered.hash.clone());
+                // A busy master refused nothing: the change is retried.
+                if !matches!(e, ReloadError::Busy) {
+                    self.refused_hash = Some(loaded.rendered.hash.clone());
+                }
                 let result = match e {
                     ReloadError::Refused { .. } => "refused",
                     _ => "failed",
@@ -791,7 +794,7 @@ impl Agent {
                 nix::sys::signal::Signal::SIGTERM,
             );
         }
-        match Haproxy::spawn(&self.binary, &self.paths, &self.output).await {
+        match Haproxy::spawn(&self.binary, &self.version, &self.paths, &self.output).await {
             Ok(h) => {
                 tracing::info!(pid = h.pid(), "HAProxy restarted");
                 self.metrics.haproxy_restarts_total.inc();

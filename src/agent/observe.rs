@@ -20,10 +20,23 @@ impl Agent {
             Ok(p) => {
                 self.workers_seen = p.workers.iter().chain(&p.old_workers).map(|w| w.pid).collect();
                 self.status.haproxy.master_pid = Some(p.master_pid);
-                self.status.haproxy.workers = p.workers.iter().map(|w| w.pid).collect();
-                self.status.haproxy.old_workers = p.old_workers.iter().map(|w| w.pid).collect();
-                self.metrics.haproxy_workers.with_label_values(&["current"]).set(p.workers.len() as i64);
-                self.metrics.haproxy_workers.with_label_values(&["old"]).set(p.old_workers.len() as i64);
+                // In 3.1+'s recovery mode the serving worker is listed
+                // among the old ones: report it as the one that serves.
+                let (serving, draining) = (p.serving(), p.draining());
+                self.status.haproxy.workers = serving.iter().map(|w| w.pid).collect();
+                self.status.haproxy.old_workers = draining.iter().map(|w| w.pid).collect();
+                self.metrics.haproxy_workers.with_label_values(&["current"]).set(serving.len() as i64);
+                self.metrics.haproxy_workers.with_label_values(&["old"]).set(draining.len() as i64);
+                let failed = p.last_reload_failed();
+                if failed && !self.status.haproxy.last_reload_failed {
+                    tracing::warn!(
+                        worker = ?self.status.haproxy.workers,
+                        recovery = p.recovery(),
+                        "HAProxy reports that its last reload failed; the worker from before it serves on"
+                    );
+                }
+                self.status.haproxy.last_reload_failed = failed;
+                self.metrics.haproxy_last_reload_failed.set(i64::from(failed));
             }
             Err(e) => {
                 self.metrics.poll_errors_total.inc();
@@ -32,7 +45,12 @@ impl Agent {
         }
         self.status.haproxy.running = proc.is_ok();
         self.status.haproxy.adopted = h.adopted();
-        self.status.haproxy.version = self.version.full.clone();
+        let version = h.version().full;
+        if version != self.status.haproxy.version {
+            self.metrics.build_info.reset();
+            self.metrics.build_info.with_label_values(&[env!("CARGO_PKG_VERSION"), &version]).set(1);
+            self.status.haproxy.version = version;
+        }
         self.metrics.haproxy_up.set(i64::from(proc.is_ok()));
         match stats {
             Ok(stats) => {

@@ -71,6 +71,41 @@ pub struct Version {
     pub full: String,
 }
 
+impl Version {
+    /// True for `major.minor` or any later version.
+    pub fn at_least(&self, major: u32, minor: u32) -> bool {
+        (self.parts.0, self.parts.1) >= (major, minor)
+    }
+
+    /// 2.7+: the master CLI's `reload` answers `Success=1` or `Success=0`,
+    /// followed by the startup log; 2.6 answers nothing and the outcome is
+    /// read from `show proc`'s counters.
+    pub fn reload_reports_status(&self) -> bool {
+        self.at_least(2, 7)
+    }
+
+    /// 3.1+ ("mworker V3"): the master no longer parses the configuration,
+    /// the worker does. A new worker is listed by `show proc` before it is
+    /// ready, and after a failed reload the worker that keeps serving is
+    /// listed under `# old workers` ("recovery mode").
+    pub fn worker_loads_config(&self) -> bool {
+        self.at_least(3, 1)
+    }
+
+    /// 3.1+: `add server … init-state down` adds a server that stays out
+    /// of rotation until a check passes.
+    pub fn add_server_init_state(&self) -> bool {
+        self.at_least(3, 1)
+    }
+
+    /// 3.0+: the runtime API's `wait <ms> srv-removable` waits until a
+    /// server can be deleted (3.3's `del server` no longer closes idle
+    /// connections itself, so a bare `del` may fail).
+    pub fn wait_srv_removable(&self) -> bool {
+        self.at_least(3, 0)
+    }
+}
+
 /// Runs the HAProxy executable for one-shot jobs.
 #[derive(Clone, Debug)]
 pub struct Binary {
@@ -174,16 +209,72 @@ pub fn write_rendered(rendered: &Rendered, paths: &Paths, config_file: &Path) ->
     write(config_file, rendered.text.as_bytes())
 }
 
+/// What is wrong with a saved server-state file (`show servers state`,
+/// format 1: a version line, then one line of 20 to 25 fields per server),
+/// or `None` when HAProxy can load it.
+pub fn server_state_problem(content: &[u8]) -> Option<String> {
+    let Ok(text) = std::str::from_utf8(content) else {
+        return Some("it is not text".into());
+    };
+    let mut lines = text.lines().enumerate().map(|(i, l)| (i + 1, l.trim()));
+    match lines.next() {
+        None => return Some("it is empty".into()),
+        Some((_, "1")) => {}
+        Some(_) => return Some("its first line is not the format version \"1\"".into()),
+    }
+    for (n, line) in lines.filter(|(_, l)| !l.is_empty() && !l.starts_with('#')) {
+        let fields = line.split_whitespace().count();
+        if !(20..=25).contains(&fields) {
+            return Some(format!("line {n} is damaged ({fields} fields where HAProxy expects 20 to 25)"));
+        }
+    }
+    None
+}
+
+/// Checks the saved server state before HAProxy loads it. HAProxy ignores a
+/// damaged file anyway, but each version says so differently (2.6 warns,
+/// 3.0+ reports some damage as a mere notice that the file is "empty"):
+/// apilb warns in one way on every version, naming the file and the
+/// damage, and replaces it with an empty state so HAProxy reads no garbage.
+pub fn repair_server_state(path: &Path) {
+    let content = match std::fs::read(path) {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read the saved server state; HAProxy starts without it");
+            return;
+        }
+    };
+    if let Some(problem) = server_state_problem(&content) {
+        tracing::warn!(
+            path = %path.display(),
+            "ignoring the saved server state: {problem}; HAProxy starts with every master UP until its first check"
+        );
+        if let Err(e) = fsutil::write_atomic(path, b"1\n", 0o600) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot replace the damaged server state");
+        }
+    }
+}
+
 /// Parses the first line of `haproxy -v`:
 /// `HAProxy version 2.6.12-1+deb12u3 2025/10/03 - https://haproxy.org/`.
 pub fn parse_version(line: &str) -> Option<Version> {
-    let full = line.split_whitespace().skip_while(|w| *w != "version").nth(1)?;
-    let mut nums =
-        full.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).map(|s| s.parse::<u32>().ok());
-    let major = nums.next()??;
-    let minor = nums.next()??;
-    let patch = nums.next().flatten().unwrap_or(0);
-    Some(Version { parts: (major, minor, patch), full: full.to_owned() })
+    Version::parse(line.split_whitespace().skip_while(|w| *w != "version").nth(1)?)
+}
+
+impl Version {
+    /// Parses a bare version as HAProxy prints it, e.g. `2.6.12-1+deb12u3`
+    /// (`haproxy -v`, `show proc`'s version column).
+    pub fn parse(full: &str) -> Option<Version> {
+        let mut nums = full
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse::<u32>().ok());
+        let major = nums.next()??;
+        let minor = nums.next()??;
+        let patch = nums.next().flatten().unwrap_or(0);
+        Some(Version { parts: (major, minor, patch), full: full.to_owned() })
+    }
 }
 
 #[cfg(test)]
@@ -197,5 +288,30 @@ mod tests {
         assert_eq!(v.full, "2.6.12-1+deb12u3");
         assert_eq!(parse_version("HA-Proxy version 2.4.22 2023/02/14").unwrap().parts, (2, 4, 22));
         assert!(parse_version("garbage").is_none());
+    }
+
+    #[test]
+    fn finds_damage_in_a_server_state_file() {
+        let good = "1\n# be_id be_name srv_id srv_name srv_addr …\n\
+            3 masters 1 master-1 127.0.0.1 2 0 1 1 5 6 3 4 6 0 0 0 - 36513 - 0 0 - - 0\n";
+        assert_eq!(server_state_problem(good.as_bytes()), None);
+        assert_eq!(server_state_problem(b"1\n"), None);
+        assert_eq!(server_state_problem(b"").as_deref(), Some("it is empty"));
+        assert!(server_state_problem(b"\x00\xff garbage").unwrap().contains("not text"));
+        assert!(server_state_problem(b"garbage\n").unwrap().contains("format version"));
+        let truncated = &good[..good.len() - 30];
+        assert!(server_state_problem(truncated.as_bytes()).unwrap().starts_with("line 3 is damaged"));
+    }
+
+    #[test]
+    fn features_follow_the_version() {
+        let v = |line: &str| parse_version(&format!("HAProxy version {line} 2026/10/14")).unwrap();
+        let (v26, v28, v30, v31, v32) =
+            (v("2.6.12-1+deb12u4"), v("2.8.5"), v("3.0.11"), v("3.1.0"), v("3.2.26-1"));
+        assert!(!v26.reload_reports_status() && v28.reload_reports_status() && v30.reload_reports_status());
+        assert!(!v30.worker_loads_config() && v31.worker_loads_config() && v32.worker_loads_config());
+        assert!(!v30.add_server_init_state() && v31.add_server_init_state());
+        assert!(!v28.wait_srv_removable() && v30.wait_srv_removable());
+        assert!(v("10.0").at_least(3, 1) && !v("2.10").at_least(3, 0));
     }
 }

@@ -114,6 +114,11 @@ impl Output {
         *self.redactor.write().unwrap_or_else(|e| e.into_inner()) = redactor;
     }
 
+    /// `text` with the current secrets removed.
+    pub fn redact(&self, text: &str) -> String {
+        self.redactor.read().unwrap_or_else(|e| e.into_inner()).redact(text)
+    }
+
     /// Lines read at or after `since`.
     pub fn since(&self, since: Instant) -> Vec<Line> {
         let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());

@@ -15,6 +15,16 @@
 //!
 //! `add server` only accepts a CA and a client certificate that the running
 //! config already loads; every master shares them, so they are loaded.
+//!
+//! Newer versions, detected from the running master (checked on 2.6, 3.0
+//! and 3.2):
+//!
+//! - 3.1+: `add server … init-state down` keeps the new master out of
+//!   rotation until a check passes, so it is enabled at once instead of
+//!   after a bounded wait for its first check (which, on 2.6 to 3.0, lets
+//!   a master whose first check outlasts the wait in unchecked).
+//! - 3.0+: `wait <ms> srv-removable` before `del server`, which in 3.3 no
+//!   longer closes idle connections itself and may otherwise fail.
 
 use std::time::Duration;
 
@@ -23,6 +33,10 @@ use tokio::time::{Instant, sleep};
 use super::supervisor::{Haproxy, SupervisorError};
 use crate::config::Master;
 use crate::render::{BACKEND, CheckPlan, FALLBACK_SUFFIX, fallback_params, server_params};
+
+/// How long `del server` may wait for a server's last connections to be
+/// released (3.0+), in milliseconds.
+const REMOVABLE_WAIT_MS: u32 = 2000;
 
 /// A runtime change that HAProxy refused.
 #[derive(Debug, thiserror::Error)]
@@ -101,8 +115,12 @@ pub async fn add(
     if masters.is_empty() {
         return Ok(());
     }
+    let init_state = h.version().add_server_init_state();
     for m in masters {
-        let params = server_params(plan, m);
+        let mut params = server_params(plan, m);
+        if init_state {
+            params.push_str(" init-state down");
+        }
         expect(h, format!("add server {BACKEND}/{} {} {params}", m.name, m.address), "New server registered")
             .await?;
         let twin = format!("{}{FALLBACK_SUFFIX}", m.name);
@@ -116,7 +134,7 @@ pub async fn add(
     }
     // The first check runs while the server is still in maintenance.
     let deadline = Instant::now() + wait;
-    while Instant::now() < deadline {
+    while !init_state && Instant::now() < deadline {
         let stats = h.show_stat().await?;
         let checked = masters.iter().all(|m| {
             stats.servers.iter().any(|s| {
@@ -161,6 +179,9 @@ pub async fn delete(h: &Haproxy, name: &str) -> Result<(), RuntimeError> {
             continue;
         }
         quiet(h, format!("shutdown sessions server {BACKEND}/{server}")).await?;
+        if h.version().wait_srv_removable() {
+            expect(h, format!("wait {REMOVABLE_WAIT_MS} srv-removable {BACKEND}/{server}"), "Done").await?;
+        }
         expect(h, format!("del server {BACKEND}/{server}"), "Server deleted").await?;
     }
     Ok(())

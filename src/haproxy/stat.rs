@@ -33,11 +33,49 @@ pub struct ProcInfo {
     pub failed_reloads: u64,
     /// Current workers (normally one).
     pub workers: Vec<Proc>,
-    /// Workers from before a reload, still finishing connections.
+    /// Workers from before a reload, still finishing connections (and,
+    /// on 3.1+ after a failed reload, the worker that still serves: see
+    /// [`ProcInfo::recovery`]).
     pub old_workers: Vec<Proc>,
+    /// The master's version as it runs (the binary on disk may be newer:
+    /// a master re-executes it only on reload).
+    pub version: Option<super::Version>,
 }
 
-/// Parses `show proc` as printed by HAProxy 2.4-2.6:
+impl ProcInfo {
+    /// True when the master reports that its last reload failed: the
+    /// previous worker serves on. Every version resets the counter at the
+    /// next successful reload.
+    pub fn last_reload_failed(&self) -> bool {
+        self.failed_reloads > 0
+    }
+
+    /// HAProxy 3.1+'s "recovery mode": the last reload failed and the
+    /// worker that still serves is listed under `# old workers`, with no
+    /// current worker. (2.6 to 3.0 keep it under `# workers`.)
+    pub fn recovery(&self) -> bool {
+        self.workers.is_empty() && self.last_reload_failed() && !self.old_workers.is_empty()
+    }
+
+    /// The workers that accept new connections: the current ones or, in
+    /// recovery mode, the newest old worker (it survived the fewest
+    /// reloads; the others are draining).
+    pub fn serving(&self) -> Vec<Proc> {
+        if !self.recovery() {
+            return self.workers.clone();
+        }
+        self.old_workers.iter().min_by_key(|w| w.reloads).cloned().into_iter().collect()
+    }
+
+    /// Old workers only finishing their connections.
+    pub fn draining(&self) -> Vec<Proc> {
+        let serving = self.serving();
+        self.old_workers.iter().filter(|w| !serving.contains(w)).cloned().collect()
+    }
+}
+
+/// Parses `show proc` as printed by HAProxy 2.4 to 3.3 (3.1+ omits
+/// `# programs` when there are none, and may list `# old workers` empty):
 ///
 /// ```text
 /// #<PID>          <type>          <reloads>       <uptime>        <version>
@@ -54,6 +92,7 @@ pub fn parse_show_proc(text: &str) -> Result<ProcInfo, ParseError> {
     let mut workers = Vec::new();
     let mut old_workers = Vec::new();
     let mut section = "";
+    let mut version = None;
     for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
         if let Some(header) = line.strip_prefix('#') {
             section = match header.trim() {
@@ -78,6 +117,7 @@ pub fn parse_show_proc(text: &str) -> Result<ProcInfo, ParseError> {
                     .and_then(|n| n.trim().parse::<u64>().ok())
                     .unwrap_or(0);
                 master = Some((pid, reloads, failed));
+                version = fields.last().and_then(|v| super::Version::parse(v));
             }
             Some("worker") if section == "workers" => workers.push(Proc { pid, reloads }),
             Some("worker") if section == "old" => old_workers.push(Proc { pid, reloads }),
@@ -86,7 +126,7 @@ pub fn parse_show_proc(text: &str) -> Result<ProcInfo, ParseError> {
     }
     let (master_pid, reloads, failed_reloads) =
         master.ok_or_else(|| err(format!("no master line in {text:?}")))?;
-    Ok(ProcInfo { master_pid, reloads, failed_reloads, workers, old_workers })
+    Ok(ProcInfo { master_pid, reloads, failed_reloads, workers, old_workers, version })
 }
 
 /// A server's administrative and health state, simplified.
@@ -264,7 +304,37 @@ mod tests {
         assert_eq!((p.reloads, p.failed_reloads), (5, 1));
         assert_eq!(p.workers, vec![Proc { pid: 24484, reloads: 1 }]);
         assert_eq!(p.old_workers, vec![Proc { pid: 24305, reloads: 1 }]);
+        assert_eq!(p.version.as_ref().map(|v| v.parts), Some((2, 6, 12)));
+        // 2.6 to 3.0 keep the serving worker under `# workers` after a
+        // failed reload.
+        assert!(p.last_reload_failed() && !p.recovery());
+        assert_eq!(p.serving(), p.workers);
+        assert_eq!(p.draining(), p.old_workers);
         assert!(parse_show_proc("Unknown command.\n").is_err());
+    }
+
+    /// As HAProxy 3.2.26 printed it after a refused reload, with a worker
+    /// still draining from an earlier reload.
+    #[test]
+    fn recovery_mode_names_the_worker_that_still_serves() {
+        let text = "#<PID>          <type>          <reloads>       <uptime>        <version>      \n\
+            22388           master          3 [failed: 1]   0d00h00m02s     3.2.26-1       \n\
+            # workers\n\
+            # old workers\n\
+            22301           worker          3               0d00h00m09s     3.2.26-1       \n\
+            22395           worker          2               0d00h00m01s     3.2.26-1       \n";
+        let p = parse_show_proc(text).unwrap();
+        assert!(p.workers.is_empty() && p.recovery());
+        assert_eq!(p.version.as_ref().map(|v| v.parts), Some((3, 2, 26)));
+        assert_eq!(p.serving(), vec![Proc { pid: 22395, reloads: 2 }]);
+        assert_eq!(p.draining(), vec![Proc { pid: 22301, reloads: 3 }]);
+        // The next good reload: the new worker is current again.
+        let text = "#<PID> <type> <reloads> <uptime> <version>\n\
+            22388 master 4 [failed: 0] 0d00h00m03s 3.2.26-1\n# workers\n\
+            22404 worker 0 0d00h00m01s 3.2.26-1\n# old workers\n";
+        let p = parse_show_proc(text).unwrap();
+        assert!(!p.recovery() && !p.last_reload_failed());
+        assert_eq!(p.serving(), vec![Proc { pid: 22404, reloads: 0 }]);
     }
 
     #[test]

@@ -21,10 +21,10 @@ use tokio::process::Command;
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep};
 
-use super::Binary;
 use super::cli::{self, CliError};
 use super::output::Output;
 use super::stat::{self, ParseError, ProcInfo, Stats};
+use super::{Binary, Version};
 use crate::fsutil;
 use crate::render::Paths;
 
@@ -80,6 +80,10 @@ pub enum ReloadError {
     /// The outcome could not be confirmed.
     #[error("cannot confirm the reload: {0}")]
     Unconfirmed(String),
+    /// HAProxy 3.1+ refuses a reload while the previous one is still
+    /// loading (a reload not made by this agent); the change is retried.
+    #[error("HAProxy is still loading a previous reload; retrying")]
+    Busy,
     /// Talking to the master failed.
     #[error(transparent)]
     Supervisor(#[from] SupervisorError),
@@ -94,10 +98,56 @@ pub struct Exit {
 
 /// A running HAProxy master, started or adopted by this agent.
 pub struct Haproxy {
+    /// Where its sockets, pidfile and config live.
     paths: Paths,
+    /// The master's pid: it stays the same across reloads.
     pid: u32,
+    /// True when an earlier agent started it.
     adopted: bool,
+    /// The version the master runs, from `show proc` (the binary on disk
+    /// may differ until the next reload re-executes it). It decides how a
+    /// reload is confirmed.
+    version: std::sync::Mutex<Version>,
+    /// Set once the master exited.
     exited: watch::Receiver<Option<Exit>>,
+}
+
+/// How long a reload may take from the request to its confirmed outcome.
+const RELOAD_LIMIT: Duration = Duration::from_secs(30);
+
+/// The master CLI's answer to `reload` on HAProxy 2.7+.
+#[derive(Debug, PartialEq, Eq)]
+enum ReloadReply {
+    /// `Success=1`.
+    Loaded,
+    /// `Success=0` because another reload is still loading (3.1+).
+    Busy,
+    /// `Success=0`: the startup log's `[ALERT]` lines.
+    Failed(Vec<String>),
+    /// No status line (the connection closed early): not an answer.
+    Missing,
+}
+
+/// Parses `Success=1|0`, `--`, then the startup log.
+fn parse_reload_reply(text: &str) -> ReloadReply {
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    match lines.next() {
+        Some("Success=1") => ReloadReply::Loaded,
+        Some("Success=0") => {
+            let rest: Vec<&str> = lines.filter(|l| *l != "--").collect();
+            if rest.iter().any(|l| l.contains("Another reload is still in progress")) {
+                return ReloadReply::Busy;
+            }
+            ReloadReply::Failed(
+                rest.iter()
+                    .map(|l| super::output::parse_line(l))
+                    .filter(|(severity, _, _)| *severity == super::output::Severity::Alert)
+                    .map(|(_, _, message)| message.to_owned())
+                    .collect(),
+            )
+        }
+        _ => ReloadReply::Missing,
+    }
 }
 
 impl Haproxy {
@@ -109,6 +159,27 @@ impl Haproxy {
     /// True when this agent found the master running rather than starting it.
     pub fn adopted(&self) -> bool {
         self.adopted
+    }
+
+    /// The HAProxy version the master runs.
+    pub fn version(&self) -> Version {
+        self.version.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn note_version(&self, proc: &ProcInfo) {
+        if let Some(v) = &proc.version {
+            *self.version.lock().unwrap_or_else(|e| e.into_inner()) = v.clone();
+        }
+    }
+
+    fn new(
+        paths: &Paths,
+        pid: u32,
+        adopted: bool,
+        version: Version,
+        exited: watch::Receiver<Option<Exit>>,
+    ) -> Self {
+        Haproxy { paths: paths.clone(), pid, adopted, version: std::sync::Mutex::new(version), exited }
     }
 
     /// True once the master has exited.
@@ -125,8 +196,9 @@ impl Haproxy {
 
     /// Looks for a live master started by an earlier agent with these
     /// paths. Returns `None` when there is none (stale pidfile, other
-    /// process, no answer on the master socket).
-    pub async fn adopt(paths: &Paths) -> Option<Haproxy> {
+    /// process, no answer on the master socket). `binary` is the version
+    /// of the binary on disk, assumed when `show proc` names none.
+    pub async fn adopt(paths: &Paths, binary: &Version) -> Option<Haproxy> {
         let content = match std::fs::read(paths.pidfile()) {
             Ok(c) => c,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
@@ -141,16 +213,17 @@ impl Haproxy {
                 return None;
             }
             let exited = watch_foreign(pid).ok()?;
-            return Some(Haproxy { paths: paths.clone(), pid, adopted: true, exited });
+            let version = proc.version.unwrap_or_else(|| binary.clone());
+            return Some(Haproxy::new(paths, pid, true, version, exited));
         }
-        Self::adopt_without_pidfile(paths, &content).await
+        Self::adopt_without_pidfile(paths, &content, binary).await
     }
 
     /// The pidfile names no master of ours (corrupt, truncated, empty or
     /// stale). A master still answering on our master socket is adopted
     /// anyway and the pidfile rewritten: starting a second HAProxy would
     /// fail to bind the frontend (`noreuseport`).
-    async fn adopt_without_pidfile(paths: &Paths, content: &str) -> Option<Haproxy> {
+    async fn adopt_without_pidfile(paths: &Paths, content: &str, binary: &Version) -> Option<Haproxy> {
         let pidfile = paths.pidfile();
         let content: String = content.trim().chars().take(40).collect();
         // One attempt first: a socket nothing listens on refuses at once.
@@ -158,12 +231,11 @@ impl Haproxy {
             show_proc_at(&paths.master_socket(), cli::DEFAULT_TIMEOUT)
                 .await
                 .ok()
-                .map(|p| p.master_pid)
-                .filter(|pid| is_our_master(*pid, paths))
+                .filter(|p| is_our_master(p.master_pid, paths))
         } else {
             None
         };
-        let Some(pid) = found else {
+        let Some(ProcInfo { master_pid: pid, version, .. }) = found else {
             tracing::warn!(
                 path = %pidfile.display(),
                 ?content,
@@ -182,14 +254,22 @@ impl Haproxy {
         if let Err(e) = fsutil::write_atomic(&pidfile, format!("{pid}\n").as_bytes(), 0o644) {
             tracing::warn!(path = %pidfile.display(), error = %e, "cannot rewrite the HAProxy pidfile");
         }
-        Some(Haproxy { paths: paths.clone(), pid, adopted: true, exited })
+        Some(Haproxy::new(paths, pid, true, version.unwrap_or_else(|| binary.clone()), exited))
     }
 
     /// Starts a master on the config in the runtime directory and waits
-    /// until it runs a worker. On failure the error carries HAProxy's own
-    /// messages, read from `output`.
-    pub async fn spawn(binary: &Binary, paths: &Paths, output: &Output) -> Result<Haproxy, SupervisorError> {
+    /// until it runs a worker (on 3.1+ a worker is listed before it is
+    /// ready: callers wait for the frontend too). On failure the error
+    /// carries HAProxy's own messages, read from `output`. `version` is
+    /// the binary's, assumed when `show proc` names none.
+    pub async fn spawn(
+        binary: &Binary,
+        version: &Version,
+        paths: &Paths,
+        output: &Output,
+    ) -> Result<Haproxy, SupervisorError> {
         let started = Instant::now();
+        super::repair_server_state(&paths.server_state_file());
         let file = |path: PathBuf| move |source| SupervisorError::File { path: path.clone(), source };
         let stdout = output.writer().map_err(file(paths.output_fifo()))?;
         let stderr = stdout.try_clone().map_err(file(paths.output_fifo()))?;
@@ -234,13 +314,13 @@ impl Haproxy {
                     && p.master_pid == pid
                     && !p.workers.is_empty()
                 {
-                    return;
+                    return p.version;
                 }
                 sleep(Duration::from_millis(20)).await;
             }
         };
-        tokio::select! {
-            _ = up => {}
+        let running = tokio::select! {
+            running = up => running,
             exit = async { dead.wait_for(Option::is_some).await.ok().and_then(|e| e.clone()) } => {
                 let status = exit.map(|e| e.status).unwrap_or_default();
                 // Let the reader catch up with HAProxy's last words.
@@ -255,8 +335,8 @@ impl Haproxy {
                 let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
                 return Err(SupervisorError::StartTimeout(limit));
             }
-        }
-        Ok(Haproxy { paths: paths.clone(), pid, adopted: false, exited })
+        };
+        Ok(Haproxy::new(paths, pid, false, running.unwrap_or_else(|| version.clone()), exited))
     }
 
     /// `show proc` on the master CLI.
@@ -292,26 +372,97 @@ impl Haproxy {
     }
 
     /// Reloads the config file in the runtime directory through the master
-    /// CLI and confirms the outcome from `show proc` (HAProxy 2.6's
-    /// `reload` prints nothing). The file must have been validated.
+    /// CLI and confirms the outcome. The file must have been validated.
+    ///
+    /// How the outcome is known depends on the version the master runs:
+    /// 2.7+ answers `reload` with `Success=1|0` and its startup log (3.1+
+    /// only once the new worker is ready, which is the only proof there: a
+    /// new worker is listed before it is ready); 2.6 answers nothing, so
+    /// its `show proc` counters are compared with the ones from before.
     pub async fn reload(&self, output: &Output) -> Result<ProcInfo, ReloadError> {
         let before = self.show_proc().await?;
+        let version = before.version.clone().unwrap_or_else(|| self.version());
         let started = Instant::now();
-        // The master closes the connection when it re-executes.
-        let _ = cli::command(&self.paths.master_socket(), "reload", cli::DEFAULT_TIMEOUT).await;
-        let deadline = started + Duration::from_secs(30);
+        let after = if version.reload_reports_status() {
+            let reply = cli::command(&self.paths.master_socket(), "reload", RELOAD_LIMIT).await;
+            match reply.as_deref().map(parse_reload_reply) {
+                Ok(ReloadReply::Loaded) => self.confirm_serving(&before, started).await?,
+                Ok(ReloadReply::Busy) => return Err(ReloadError::Busy),
+                Ok(ReloadReply::Failed(alerts)) => {
+                    let reason = if alerts.is_empty() {
+                        refusal_reason(output, started).await
+                    } else {
+                        output.redact(&alerts.join("; "))
+                    };
+                    return Err(ReloadError::Refused { reason });
+                }
+                // 2.7 to 3.0 list the new worker only once the master
+                // loaded the config, so the counters still tell.
+                Ok(ReloadReply::Missing) | Err(_) if !version.worker_loads_config() => {
+                    self.confirm_by_counters(&before, output, started).await?
+                }
+                Ok(ReloadReply::Missing) => {
+                    return Err(self.unconfirmed("the master CLI closed without a reload status"));
+                }
+                Err(e) => return Err(self.unconfirmed(&e.to_string())),
+            }
+        } else {
+            // The master closes the connection when it re-executes.
+            let _ = cli::command(&self.paths.master_socket(), "reload", cli::DEFAULT_TIMEOUT).await;
+            self.confirm_by_counters(&before, output, started).await?
+        };
+        self.note_version(&after);
+        Ok(after)
+    }
+
+    fn unconfirmed(&self, why: &str) -> ReloadError {
+        if self.has_exited() {
+            ReloadError::Unconfirmed("HAProxy exited during the reload".into())
+        } else {
+            ReloadError::Unconfirmed(why.into())
+        }
+    }
+
+    /// After `Success=1`: the same master, serving with a current worker.
+    async fn confirm_serving(&self, before: &ProcInfo, started: Instant) -> Result<ProcInfo, ReloadError> {
+        let deadline = started + RELOAD_LIMIT;
         loop {
             if self.has_exited() {
-                return Err(ReloadError::Unconfirmed("HAProxy exited during the reload".into()));
+                return Err(self.unconfirmed(""));
+            }
+            if let Ok(after) = show_proc_at(&self.paths.master_socket(), Duration::from_millis(500)).await
+                && after.master_pid == before.master_pid
+                && !after.workers.is_empty()
+            {
+                return Ok(after);
+            }
+            if Instant::now() >= deadline {
+                return Err(ReloadError::Unconfirmed(format!(
+                    "HAProxy reported success but listed no worker within {:?}",
+                    deadline - started
+                )));
+            }
+            sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// HAProxy 2.6 (and 2.7 to 3.0 without an answer): the master's
+    /// reload counter moves on every attempt and its failure counter on
+    /// every failed one (reset by the next success).
+    async fn confirm_by_counters(
+        &self,
+        before: &ProcInfo,
+        output: &Output,
+        started: Instant,
+    ) -> Result<ProcInfo, ReloadError> {
+        let deadline = started + RELOAD_LIMIT;
+        loop {
+            if self.has_exited() {
+                return Err(self.unconfirmed(""));
             }
             if let Ok(after) = show_proc_at(&self.paths.master_socket(), Duration::from_millis(500)).await {
                 if after.failed_reloads > before.failed_reloads {
-                    sleep(Duration::from_millis(50)).await;
-                    let mut reason = output.alerts_since(started);
-                    if reason.is_empty() {
-                        reason = "see HAProxy's messages in the log".into();
-                    }
-                    return Err(ReloadError::Refused { reason });
+                    return Err(ReloadError::Refused { reason: refusal_reason(output, started).await });
                 }
                 if after.reloads > before.reloads && !after.workers.is_empty() {
                     return Ok(after);
@@ -358,6 +509,14 @@ impl Haproxy {
         let _ = std::fs::remove_file(self.paths.pidfile());
         exit
     }
+}
+
+/// HAProxy's `[ALERT]` lines since `started`, read from its output.
+async fn refusal_reason(output: &Output, started: Instant) -> String {
+    // Let the reader catch up with the master's last words.
+    sleep(Duration::from_millis(50)).await;
+    let reason = output.alerts_since(started);
+    if reason.is_empty() { "see HAProxy's messages in the log".into() } else { reason }
 }
 
 fn unknown_exit() -> Exit {
@@ -419,5 +578,33 @@ pub fn alive(pid: u32) -> bool {
             Some("Z" | "X")
         ),
         Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Answers as HAProxy 3.0.11 and 3.2.26 printed them.
+    #[test]
+    fn reads_the_reload_status_of_2_7_and_later() {
+        let ok = "Success=1\n--\n[NOTICE]   (22324) : New worker (22331) forked\n\
+                  [NOTICE]   (22324) : Loading success.\n";
+        assert_eq!(parse_reload_reply(ok), ReloadReply::Loaded);
+        let refused = "Success=0\n--\n[NOTICE]   (22388) : Initializing new worker (22398)\n\
+            [ALERT]    (22398) : config : parsing [/run/apilb/haproxy.cfg:13] : unknown keyword 'bogus'\n\
+            [ALERT]    (22398) : config : Fatal errors found in configuration.\n\
+            [WARNING]  (22388) : Failed to load worker (22398) exited with code 1 (Exit)\n";
+        assert_eq!(
+            parse_reload_reply(refused),
+            ReloadReply::Failed(vec![
+                "config : parsing [/run/apilb/haproxy.cfg:13] : unknown keyword 'bogus'".into(),
+                "config : Fatal errors found in configuration.".into(),
+            ])
+        );
+        let busy = "Success=0\n--\nAnother reload is still in progress.\n";
+        assert_eq!(parse_reload_reply(busy), ReloadReply::Busy);
+        assert_eq!(parse_reload_reply(""), ReloadReply::Missing);
+        assert_eq!(parse_reload_reply("Unknown command: 'reload'\n"), ReloadReply::Missing);
     }
 }
