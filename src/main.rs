@@ -315,7 +315,16 @@ async fn status(path: &Path, json: bool, address: Option<std::net::SocketAddr>) 
                 );
                 default
             }
-            Err(e) => return Err(config_error(e)),
+            // An invalid file is when the status matters most: the agent
+            // keeps the last good config and reports why it refuses this
+            // one. Find the agent through metrics.listen alone.
+            Err(e) => {
+                let addr =
+                    metrics_listen_of(path).unwrap_or_else(|| apilb::config::Metrics::default().listen.0);
+                let addr = status_client::target(addr);
+                eprintln!("note: {e}; asking the agent at {addr} (use --address to choose)");
+                addr
+            }
         },
     };
     let s = status_client::fetch(addr).await.map_err(|e| (EXIT_FAILURE, e.to_string()))?;
@@ -325,6 +334,12 @@ async fn status(path: &Path, json: bool, address: Option<std::net::SocketAddr>) 
         print!("{}", status_client::render_table(&s));
     }
     Ok(())
+}
+
+/// `metrics.listen` of a config file that does not load as a whole.
+fn metrics_listen_of(path: &Path) -> Option<std::net::SocketAddr> {
+    let yaml: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+    yaml.get("metrics")?.get("listen")?.as_str()?.parse().ok()
 }
 
 async fn reload(path: &Path, pid: Option<i32>, timeout: Duration) -> Result<(), Failure> {

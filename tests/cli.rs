@@ -316,6 +316,25 @@ async fn reload_reports_the_outcome_like_systemctl_reload_should() {
     assert_eq!(code, Some(2), "{out}");
     assert!(out.contains("at least one master is required"), "{out}");
 
+    // `apilb status` still finds the agent (through metrics.listen) and
+    // shows why the file is not applied.
+    let invalid = env.lab.config_yaml("").replace("  rise: 2\n", "  rise: 0\n");
+    assert!(invalid.contains("rise: 0"));
+    env.lab.write_config(&invalid).unwrap();
+    let status = vec!["status".to_string(), "--config".into(), config.clone()];
+    let mut shown = String::new();
+    for _ in 0..100 {
+        let (code, out) = run(status.clone()).await.unwrap();
+        assert_eq!(code, Some(0), "{out}");
+        assert!(out.contains("note: ") && out.contains("health.rise: 0 is out of range"), "{out}");
+        shown = out;
+        if shown.contains("NOT APPLIED") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(shown.contains("NOT APPLIED") && shown.contains("masters up"), "{shown}");
+
     // `apilb status --address` needs no config at all.
     let (code, out) = run(vec![
         "status".into(),
