@@ -37,7 +37,7 @@ use apilb::agent::{self, Control};
 use apilb::config::Config;
 use apilb::inputs::Inputs;
 use apilb::lab::{ClusterKind, Lab, LabOptions, loopback};
-use apilb::render::{Paths, render};
+use apilb::render::{Features, Paths, render};
 use apilb::testapi::Session;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -73,7 +73,7 @@ fn bench_render() {
         let start = Instant::now();
         let mut bytes = 0;
         for _ in 0..iterations {
-            bytes = std::hint::black_box(render(&config, &inputs, &paths)).text.len();
+            bytes = std::hint::black_box(render(&config, &inputs, &paths, Features::default())).text.len();
         }
         let per = start.elapsed() / iterations as u32;
         println!("  {n:>5} masters: {per:>10.1?} per render ({bytes} bytes)");

@@ -52,8 +52,8 @@ pub fn config(data: &[u8]) {
 
     let inputs = model_inputs(&config);
     let paths = Paths::from_config(&config);
-    let rendered = render::render(&config, &inputs, &paths);
-    let again = render::render(&config, &inputs, &paths);
+    let rendered = render::render(&config, &inputs, &paths, render::Features::default());
+    let again = render::render(&config, &inputs, &paths, render::Features::default());
     assert_eq!(rendered, again, "render is not deterministic");
     let text = &rendered.text;
     if let Some(c) = text.chars().find(|c| c.is_control() && *c != '\n') {
@@ -78,7 +78,12 @@ pub fn config(data: &[u8]) {
     // specially on each line. Nothing from the config adds a line, splits
     // a word, starts a comment or opens a quote.
     let plain = plain_paths(&config);
-    let plain_rendered = render::render(&plain, &model_inputs(&plain), &Paths::from_config(&plain));
+    let plain_rendered = render::render(
+        &plain,
+        &model_inputs(&plain),
+        &Paths::from_config(&plain),
+        render::Features::default(),
+    );
     let shape = |t: &str| -> Vec<(usize, usize)> {
         t.lines()
             .map(|l| {
@@ -97,7 +102,8 @@ pub fn config(data: &[u8]) {
     );
     // Redaction removes every part of the secrets: with other secrets of
     // the same shape, the redacted lines that hold them are identical.
-    let other = render::render(&config, &model_inputs_with(&config, SECRETS[1]), &paths);
+    let other =
+        render::render(&config, &model_inputs_with(&config, SECRETS[1]), &paths, render::Features::default());
     let secret_lines = |r: &render::Rendered| -> Vec<String> {
         r.redacted()
             .lines()
@@ -265,7 +271,12 @@ fn redacting_render() -> &'static render::Rendered {
                     health: {tls: {insecure_skip_verify: true}, auth: {mode: bearer, token_file: /t}}\n\
                     stats: {auth: {user: u, password_file: /p}}\n";
         let config = Config::parse(yaml, "fuzz").unwrap_or_else(|e| panic!("{e}"));
-        render::render(&config, &model_inputs(&config), &Paths::from_config(&config))
+        render::render(
+            &config,
+            &model_inputs(&config),
+            &Paths::from_config(&config),
+            render::Features::default(),
+        )
     })
 }
 

@@ -51,11 +51,16 @@ pub struct Loaded {
 }
 
 /// Loads the config at `path`, reads its files and renders it for `paths`
-/// (the config's own directories unless overridden, e.g. for validation).
-pub fn load(path: &Path, paths: Option<&render::Paths>) -> Result<Loaded, LoadError> {
+/// (the config's own directories unless overridden, e.g. for validation)
+/// and an HAProxy with `features`.
+pub fn load(
+    path: &Path,
+    paths: Option<&render::Paths>,
+    features: render::Features,
+) -> Result<Loaded, LoadError> {
     let (config, inputs) = load_parts(path)?;
     let paths = paths.cloned().unwrap_or_else(|| render::Paths::from_config(&config));
-    Ok(assemble(config, inputs, &paths))
+    Ok(assemble(config, inputs, &paths, features))
 }
 
 /// Loads the config at `path` and reads its files, without rendering (the
@@ -66,8 +71,14 @@ pub fn load_parts(path: &Path) -> Result<(config::Config, inputs::Inputs), LoadE
     Ok((config, inputs))
 }
 
-/// Renders a config and its inputs for `paths`.
-pub fn assemble(config: config::Config, inputs: inputs::Inputs, paths: &render::Paths) -> Loaded {
-    let rendered = render::render(&config, &inputs, paths);
+/// Renders a config and its inputs for `paths` and an HAProxy with
+/// `features`.
+pub fn assemble(
+    config: config::Config,
+    inputs: inputs::Inputs,
+    paths: &render::Paths,
+    features: render::Features,
+) -> Loaded {
+    let rendered = render::render(&config, &inputs, paths, features);
     Loaded { config, inputs, rendered }
 }

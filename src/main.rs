@@ -8,6 +8,7 @@ use std::time::Duration;
 use apilb::agent::{self, Control, Exit};
 use apilb::config::{CONFIG_ENV, Config, DEFAULT_CONFIG_PATH};
 use apilb::haproxy::{Binary, BinaryError};
+use apilb::render::Features;
 use apilb::{render, status_client};
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::signal::unix::{SignalKind, signal};
@@ -202,7 +203,8 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Status { json, address } => status(&cli.config, json, address).await,
         Command::Reload { pid, timeout } => reload(&cli.config, pid, timeout).await,
         Command::Probe { masters } => {
-            let loaded = apilb::load(&cli.config, None).map_err(config_error)?;
+            // The probe uses the check's settings only, never the HAProxy lines.
+            let loaded = apilb::load(&cli.config, None, Features::default()).map_err(config_error)?;
             for note in &loaded.inputs.check.notes {
                 println!("note: {note}");
             }
@@ -222,7 +224,17 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Render { output, show_secrets } => {
-            let loaded = apilb::load(&cli.config, None).map_err(config_error)?;
+            let (config, inputs) = apilb::load_parts(&cli.config).map_err(config_error)?;
+            // A few lines depend on the HAProxy version that will run them.
+            let features = match Binary::new(&config.haproxy.binary).version().await {
+                Ok(v) => v.features(),
+                Err(e) => {
+                    eprintln!("note: {e}; rendering for HAProxy 2.6");
+                    Features::default()
+                }
+            };
+            let paths = render::Paths::from_config(&config);
+            let loaded = apilb::assemble(config, inputs, &paths, features);
             let text = if show_secrets { loaded.rendered.text.clone() } else { loaded.rendered.redacted() };
             match output {
                 Some(path) => apilb::fsutil::write_atomic(&path, text.as_bytes(), 0o600)
@@ -394,9 +406,10 @@ async fn check(path: &Path) -> Result<(), Failure> {
         .tempdir()
         .map_err(|e| (EXIT_FAILURE, format!("cannot create a scratch directory: {e}")))?;
     let paths = render::scratch_paths(scratch.path());
-    let loaded = apilb::load(path, Some(&paths)).map_err(config_error)?;
-    let binary = Binary::new(&loaded.config.haproxy.binary);
+    let (config, inputs) = apilb::load_parts(path).map_err(config_error)?;
+    let binary = Binary::new(&config.haproxy.binary);
     let version = binary.version().await.map_err(|e| (EXIT_FAILURE, e.to_string()))?;
+    let loaded = apilb::assemble(config, inputs, &paths, version.features());
     let warnings =
         binary.validate_at(&loaded.rendered, &paths, &paths.config_file()).await.map_err(|e| match e {
             BinaryError::Rejected { .. } => (EXIT_CONFIG, format!("{}: {e}", path.display())),

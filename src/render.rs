@@ -25,6 +25,26 @@ pub const FRONTEND: &str = "apiserver";
 /// master's own name, so the two never collide.
 pub const FALLBACK_SUFFIX: &str = ":fallback";
 
+/// What the HAProxy that will run a config handles correctly, where the
+/// config depends on it ([`crate::haproxy::Version::features`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Features {
+    /// `on-marked-down shutdown-sessions` closes a failed master's sessions
+    /// as it should. Not on HAProxy 3.0: there the forced shutdown can
+    /// freeze a connection still being set up to that master (never
+    /// answered, never closed, no timeout applies; docs/health-checks.md).
+    /// When false the server lines omit it and the agent closes the
+    /// established sessions of a master marked DOWN itself.
+    pub shutdown_sessions_on_mark_down: bool,
+}
+
+impl Default for Features {
+    /// What HAProxy 2.6, the oldest version supported, handles.
+    fn default() -> Self {
+        Features { shutdown_sessions_on_mark_down: true }
+    }
+}
+
 /// Files apilb keeps in the runtime and state directories.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Paths {
@@ -95,6 +115,8 @@ pub struct Rendered {
     pub aux_files: Vec<AuxFile>,
     /// Removes this config's secrets from any text.
     pub redactor: Redactor,
+    /// The HAProxy features it was rendered for.
+    pub features: Features,
 }
 
 /// Removes known secret values from text (HAProxy's messages, logs).
@@ -150,11 +172,14 @@ pub struct CheckPlan {
     crt: String,
     /// `inter … rise … fall …`.
     timing: String,
+    /// What happens to a master's sessions when it is marked down.
+    on_marked_down: &'static str,
 }
 
 impl CheckPlan {
-    /// The check settings of `config` with the files of `inputs`, laid out as in `paths`.
-    pub fn new(config: &Config, inputs: &Inputs, paths: &Paths) -> Self {
+    /// The check settings of `config` with the files of `inputs`, laid out
+    /// as in `paths`, for an HAProxy with `features`.
+    pub fn new(config: &Config, inputs: &Inputs, paths: &Paths, features: Features) -> Self {
         let sni = config.health.tls.server_name();
         let tls = match &inputs.check.verify {
             // The certificate name is verified against check-sni (measured
@@ -181,7 +206,9 @@ impl CheckPlan {
             h.rise,
             h.fall
         );
-        CheckPlan { tls, crt, timing }
+        let on_marked_down =
+            if features.shutdown_sessions_on_mark_down { " on-marked-down shutdown-sessions" } else { "" };
+        CheckPlan { tls, crt, timing, on_marked_down }
     }
 }
 
@@ -189,9 +216,9 @@ impl CheckPlan {
 /// address). The runtime API's `add server` must use exactly this.
 pub fn server_params(plan: &CheckPlan, master: &Master) -> String {
     let mut p = format!(
-        "check check-ssl {}{} {} on-marked-down shutdown-sessions on-marked-up \
-         shutdown-backup-sessions observe layer4 error-limit 10 on-error fastinter",
-        plan.tls, plan.crt, plan.timing
+        "check check-ssl {}{} {}{} on-marked-up shutdown-backup-sessions observe layer4 error-limit 10 \
+         on-error fastinter",
+        plan.tls, plan.crt, plan.timing, plan.on_marked_down
     );
     p.push_str(&dns_params(master));
     p
@@ -265,9 +292,10 @@ pub fn quote_log_format(s: &str) -> String {
     quote(&s.replace('%', "%%"))
 }
 
-/// Renders haproxy.cfg for `config`, with files laid out as in `paths`.
-pub fn render(config: &Config, inputs: &Inputs, paths: &Paths) -> Rendered {
-    let plan = CheckPlan::new(config, inputs, paths);
+/// Renders haproxy.cfg for `config`, with files laid out as in `paths`, for
+/// an HAProxy with `features`.
+pub fn render(config: &Config, inputs: &Inputs, paths: &Paths, features: Features) -> Rendered {
+    let plan = CheckPlan::new(config, inputs, paths, features);
     let mut secrets = Vec::new();
     let mut aux_files = Vec::new();
 
@@ -376,7 +404,7 @@ pub fn render(config: &Config, inputs: &Inputs, paths: &Paths) -> Rendered {
     // Longest first, so a secret containing another is redacted whole.
     secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
     secrets.dedup();
-    Rendered { text, hash, aux_files, redactor: Redactor { secrets } }
+    Rendered { text, hash, aux_files, redactor: Redactor { secrets }, features }
 }
 
 /// Renders for validation only: same config, but every file HAProxy would
@@ -417,7 +445,7 @@ mod tests {
             },
             stats_password: None,
         };
-        let rendered = render(&config, &inputs, &Paths::from_config(&config));
+        let rendered = render(&config, &inputs, &Paths::from_config(&config), Features::default());
         assert!(rendered.text.contains("hdr Authorization 'Bearer abc%%def'\\''ghijklmnop'"));
         let redacted = rendered.redacted();
         assert!(redacted.contains("hdr Authorization 'Bearer <redacted>'"), "{redacted}");

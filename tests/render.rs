@@ -1,7 +1,8 @@
 //! Golden-file tests of the rendered haproxy.cfg, and the real `haproxy -c`
 //! on every golden output.
 //!
-//! Each `tests/golden/<case>.yaml` renders to `tests/golden/<case>.cfg`.
+//! Each `tests/golden/<case>.yaml` renders to `tests/golden/<case>.cfg`,
+//! for HAProxy 2.6, or 3.0 when the case's name starts with `haproxy-3.0`.
 //! `@FIXTURES@` stands for tests/fixtures in both. After an intended change
 //! to the template, regenerate with `APILB_UPDATE_GOLDEN=1 cargo test --test
 //! render` and review the diff.
@@ -44,7 +45,14 @@ fn cases() -> Vec<Case> {
             let yaml = std::fs::read_to_string(&path).unwrap().replace(PLACEHOLDER, &fixtures());
             let config = Config::parse(&yaml, &name).unwrap_or_else(|e| panic!("{e}"));
             let inputs = Inputs::gather(&config).unwrap_or_else(|e| panic!("{name}: {e}"));
-            let rendered = render::render(&config, &inputs, &Paths::from_config(&config));
+            // `haproxy-3.0*` cases render for HAProxy 3.0, the others for
+            // the oldest version supported.
+            let features = if name.starts_with("haproxy-3.0") {
+                apilb::haproxy::parse_version("HAProxy version 3.0.11-1+deb13u5").unwrap().features()
+            } else {
+                render::Features::default()
+            };
+            let rendered = render::render(&config, &inputs, &Paths::from_config(&config), features);
             Case { name, config, rendered }
         })
         .collect()
@@ -119,10 +127,16 @@ fn every_master_has_a_checked_line_and_a_fail_open_twin() {
             assert!(text.contains(&checked), "{}: no checked line for {}", case.name, m.name);
             assert!(text.contains(&twin), "{}: no fallback for {}", case.name, m.name);
         }
+        // On 3.0 the agent closes a failed master's sessions instead.
+        assert_eq!(
+            text.contains("on-marked-down shutdown-sessions"),
+            case.rendered.features.shutdown_sessions_on_mark_down,
+            "{}",
+            case.name
+        );
         for needle in [
             "option allbackups",
             "option redispatch 1",
-            "on-marked-down shutdown-sessions",
             "observe layer4 error-limit 10 on-error fastinter",
             "mode 600 level admin",
             "hard-stop-after ",

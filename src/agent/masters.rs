@@ -12,7 +12,7 @@ use crate::discovery;
 use crate::haproxy::runtime;
 use crate::haproxy::stat::Stats;
 use crate::masters::Sources;
-use crate::render::{CheckPlan, FALLBACK_SUFFIX, Paths};
+use crate::render::{CheckPlan, FALLBACK_SUFFIX, Features, Paths};
 use crate::status::DiscoveryStatus;
 use crate::{LoadError, Loaded};
 
@@ -22,9 +22,10 @@ pub(super) fn effective(
     inputs: crate::inputs::Inputs,
     sources: &Sources,
     paths: &Paths,
+    features: Features,
 ) -> Loaded {
     config.masters = sources.desired();
-    crate::assemble(config, inputs, paths)
+    crate::assemble(config, inputs, paths, features)
 }
 
 /// True when two renders differ only in `server` lines, so the runtime API
@@ -63,7 +64,7 @@ pub(super) fn running_set(
     }
     let mut config = base.config.clone();
     config.masters = masters;
-    let current = crate::assemble(config, base.inputs.clone(), paths);
+    let current = crate::assemble(config, base.inputs.clone(), paths, base.rendered.features);
     (current.rendered.hash == running_hash).then_some(current)
 }
 
@@ -77,7 +78,7 @@ impl Agent {
             self.sources.persisted.clear();
             self.sources.discovered = None;
         }
-        Ok(effective(yaml, inputs, &self.sources, &self.paths))
+        Ok(effective(yaml, inputs, &self.sources, &self.paths, self.features()))
     }
 
     /// (Re)starts the discovery watcher for the config in effect.
@@ -168,7 +169,8 @@ impl Agent {
         }
         let mut config = self.applied.loaded.config.clone();
         config.masters = desired;
-        let loaded = crate::assemble(config, self.applied.loaded.inputs.clone(), &self.paths);
+        let loaded =
+            crate::assemble(config, self.applied.loaded.inputs.clone(), &self.paths, self.features());
         let change = runtime::diff(&self.applied.loaded.config.masters, &loaded.config.masters);
         let runtime_ok = self.haproxy.is_some()
             && only_servers_differ(&self.running.text, &loaded.rendered.text)
@@ -217,7 +219,7 @@ impl Agent {
             .await
             .map_err(|e| e.to_string())?;
         let h = self.haproxy.as_ref().ok_or("HAProxy is not running")?;
-        let plan = CheckPlan::new(&loaded.config, &loaded.inputs, &self.paths);
+        let plan = CheckPlan::new(&loaded.config, &loaded.inputs, &self.paths, loaded.rendered.features);
         let (back, fresh): (Vec<_>, Vec<_>) =
             change.added.iter().cloned().partition(|m| self.draining.contains_key(&m.name));
         for m in &back {

@@ -40,7 +40,7 @@ use crate::http::{self, HttpState};
 use crate::inputs::Verify;
 use crate::masters::{Source, Sources};
 use crate::metrics::Metrics;
-use crate::render::{Paths, Rendered};
+use crate::render::{Features, Paths, Rendered};
 use crate::status::{CheckStatus, ReloadRecord, Status};
 use crate::systemd;
 use crate::{LoadError, Loaded};
@@ -247,6 +247,11 @@ struct Agent {
     draining: HashMap<String, Instant>,
     /// The last discovery problem logged, so it is logged once.
     last_discovery_problem: Option<String>,
+    /// Masters HAProxy reports marked DOWN, as (backend, server), the
+    /// moment it prints so: where HAProxy cannot be trusted to close their
+    /// sessions ([`Features::shutdown_sessions_on_mark_down`]), the agent
+    /// does it at once.
+    marked_down: Option<mpsc::Receiver<(String, String)>>,
 }
 
 fn unix_now() -> f64 {
@@ -277,10 +282,10 @@ pub async fn start(opts: Options) -> Result<Handle, AgentError> {
             Err(warning) => tracing::warn!("{warning}; ignoring it"),
         }
     }
-    let loaded = effective(yaml, inputs, &sources, &paths);
-    let config = &loaded.config;
-    let binary = Binary::new(&config.haproxy.binary);
+    let binary = Binary::new(&yaml.haproxy.binary);
     let version = binary.version().await.map_err(AgentError::Binary)?;
+    let mut loaded = effective(yaml, inputs, &sources, &paths, version.features());
+    let config = &loaded.config;
 
     for dir in [&paths.runtime_dir, &paths.state_dir] {
         fsutil::ensure_private_dir(dir).map_err(|source| AgentError::Files { path: dir.clone(), source })?;
@@ -320,6 +325,11 @@ pub async fn start(opts: Options) -> Result<Handle, AgentError> {
             h
         }
     };
+    // An adopted master may run another version than the binary on disk.
+    let features = haproxy.version().features();
+    if features != loaded.rendered.features {
+        loaded = crate::assemble(loaded.config, loaded.inputs, &paths, features);
+    }
     // What the master runs: the new render, unless an adopted master runs
     // something else (the config changed while no agent was running).
     let mut running = Running::of(&loaded.rendered);
@@ -350,7 +360,9 @@ pub async fn start(opts: Options) -> Result<Handle, AgentError> {
 
     let heartbeat = Arc::new(AtomicU64::new(http::now_ms()));
     let (status_tx, status_rx) = watch::channel(Status::default());
+    let marked_down = output.marked_down_events();
     let mut agent = Agent {
+        marked_down,
         paths,
         binary,
         version,
@@ -493,7 +505,21 @@ impl Agent {
                     None => std::future::pending().await,
                 }
             };
+            let marked_down = async {
+                match self.marked_down.as_mut() {
+                    Some(rx) => match rx.recv().await {
+                        Some(e) => e,
+                        None => std::future::pending().await,
+                    },
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
+                (backend, server) = marked_down => {
+                    if backend == crate::render::BACKEND {
+                        self.close_sessions_of(&server).await;
+                    }
+                }
                 update = discovered => self.on_discovery(update).await,
                 c = control.recv() => match c.unwrap_or(Control::Shutdown) {
                     Control::Reload => self.reload_now().await,
@@ -505,6 +531,31 @@ impl Agent {
                 _ = poll_tick.tick() => self.poll().await,
                 _ = config_tick.tick() => self.watch_config().await,
             }
+        }
+    }
+
+    /// What the HAProxy that runs (or, while none runs, the binary that
+    /// will) handles: renders follow it, so after a reload re-executes a
+    /// newer binary the next render adapts, and is applied like any change.
+    fn features(&self) -> Features {
+        self.haproxy.as_ref().map_or_else(|| self.version.features(), |h| h.version().features())
+    }
+
+    /// Closes the established sessions of a master marked DOWN where
+    /// HAProxy's own `on-marked-down shutdown-sessions` is not rendered
+    /// (HAProxy 3.0, see [`Features`]). Their clients reconnect at once,
+    /// to healthy masters.
+    async fn close_sessions_of(&mut self, name: &str) {
+        if self.features().shutdown_sessions_on_mark_down {
+            return;
+        }
+        let Some(h) = &self.haproxy else { return };
+        match crate::haproxy::runtime::close_established(h, name).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(master = name, sessions = n, "closed the sessions of a master marked DOWN")
+            }
+            Err(e) => tracing::warn!(master = name, "cannot close the sessions of a master marked DOWN: {e}"),
         }
     }
 

@@ -56,6 +56,11 @@ impl Agent {
             Ok(stats) => {
                 self.observe(&stats);
                 self.finish_draining(&stats).await;
+                // A mark-down whose event was missed (the agent was
+                // restarting, or the event queue full).
+                for name in self.down_with_sessions(&stats) {
+                    self.close_sessions_of(&name).await;
+                }
             }
             Err(e) => {
                 self.metrics.poll_errors_total.inc();
@@ -63,6 +68,19 @@ impl Agent {
             }
         }
         self.publish();
+    }
+
+    /// Configured masters that are DOWN and still hold sessions.
+    fn down_with_sessions(&self, stats: &Stats) -> Vec<String> {
+        let config = &self.applied.loaded.config;
+        stats
+            .servers
+            .iter()
+            .filter(|s| s.backend == crate::render::BACKEND && s.sessions > 0)
+            .filter(|s| s.state() == crate::haproxy::stat::ServerState::Down)
+            .filter(|s| config.masters.iter().any(|m| m.name == s.name))
+            .map(|s| s.name.clone())
+            .collect()
     }
 
     pub(super) fn observe(&mut self, stats: &Stats) {

@@ -13,7 +13,7 @@ use std::process::Stdio;
 use tokio::process::Command;
 
 use crate::fsutil;
-use crate::render::{Paths, Rendered};
+use crate::render::{Features, Paths, Rendered};
 
 /// The oldest HAProxy apilb renders for (Debian 12 ships 2.6; 2.4 is the
 /// oldest whose directives the template uses).
@@ -96,6 +96,25 @@ impl Version {
     /// of rotation until a check passes.
     pub fn add_server_init_state(&self) -> bool {
         self.at_least(3, 1)
+    }
+
+    /// 3.0's forced shutdown of a stream (what `on-marked-down
+    /// shutdown-sessions` does at mark-down) can freeze a stream that is
+    /// still connecting to that server: its client is never answered nor
+    /// closed, and no timeout applies. Measured on Debian 13's 3.0.11
+    /// (`tests/failover.rs`, crash under load; the blackhole benchmark);
+    /// 2.6 and 3.2 close such a stream. In HAProxy's history: 3.0.10
+    /// backported 51611a5b7 ("Fix a possible freeze during a forced shut
+    /// on a stream") but not 6365eb85e, which makes process_stream() see
+    /// the state that fix sets. The agent closes a failed master's
+    /// established sessions itself on 3.0 instead (see [`Features`]).
+    pub fn forced_shutdown_may_freeze(&self) -> bool {
+        (self.parts.0, self.parts.1) == (3, 0)
+    }
+
+    /// What a config rendered for this version may rely on.
+    pub fn features(&self) -> Features {
+        Features { shutdown_sessions_on_mark_down: !self.forced_shutdown_may_freeze() }
     }
 
     /// 3.0+: the runtime API's `wait <ms> srv-removable` waits until a
@@ -313,5 +332,12 @@ mod tests {
         assert!(!v30.add_server_init_state() && v31.add_server_init_state());
         assert!(!v28.wait_srv_removable() && v30.wait_srv_removable());
         assert!(v("10.0").at_least(3, 1) && !v("2.10").at_least(3, 0));
+        assert!(
+            v26.features().shutdown_sessions_on_mark_down && v32.features().shutdown_sessions_on_mark_down
+        );
+        assert!(
+            !v30.features().shutdown_sessions_on_mark_down && v31.features().shutdown_sessions_on_mark_down
+        );
+        assert_eq!(v26.features(), Features::default());
     }
 }

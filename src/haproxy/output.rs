@@ -22,12 +22,16 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::unix::pipe;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::render::Redactor;
 
 /// How many recent lines are kept for error reports.
 const KEEP: usize = 200;
+
+/// Mark-down events waiting for the agent.
+const MARKED_DOWN_QUEUE: usize = 64;
 
 /// HAProxy's severity tags.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,11 +79,28 @@ pub fn parse_line(raw: &str) -> (Severity, Option<u32>, &str) {
     (severity, pid, msg)
 }
 
+/// The server named by `Server <backend>/<server> is DOWN, reason: …`,
+/// the line a worker prints the instant a check marks a server down.
+pub fn marked_down(message: &str) -> Option<(&str, &str)> {
+    let (server, rest) = message.strip_prefix("Server ")?.split_once(' ')?;
+    if !(rest == "is DOWN" || rest.starts_with("is DOWN,")) {
+        return None;
+    }
+    server.split_once('/')
+}
+
 /// The FIFO and the task reading it.
 pub struct Output {
+    /// The FIFO, for new HAProxy processes' stdout and stderr.
     path: PathBuf,
+    /// The last lines, for error reports.
     recent: Arc<Mutex<VecDeque<Line>>>,
+    /// Secrets to remove from every line.
     redactor: Arc<RwLock<Redactor>>,
+    /// Servers marked DOWN, as HAProxy reports them, for the agent to react
+    /// at once (taken once by [`Output::marked_down_events`]).
+    marked_down: Mutex<Option<mpsc::Receiver<(String, String)>>>,
+    /// The reader.
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -99,8 +120,22 @@ impl Output {
         let receiver = pipe::OpenOptions::new().read_write(true).open_receiver(path)?;
         let recent = Arc::new(Mutex::new(VecDeque::with_capacity(KEEP)));
         let redactor = Arc::new(RwLock::new(Redactor::default()));
-        let task = tokio::spawn(read(receiver, recent.clone(), redactor.clone()));
-        Ok(Output { path: path.to_owned(), recent, redactor, task })
+        let (events, marked_down) = mpsc::channel(MARKED_DOWN_QUEUE);
+        let task = tokio::spawn(read(receiver, recent.clone(), redactor.clone(), events));
+        Ok(Output {
+            path: path.to_owned(),
+            recent,
+            redactor,
+            marked_down: Mutex::new(Some(marked_down)),
+            task,
+        })
+    }
+
+    /// The (backend, server) pairs HAProxy reports marked DOWN, as they
+    /// come. `None` after the first call. When the receiver lags, events
+    /// are dropped: it is a shortcut, the agent's poll sees states anyway.
+    pub fn marked_down_events(&self) -> Option<mpsc::Receiver<(String, String)>> {
+        self.marked_down.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
     /// A non-blocking write end for a new HAProxy's stdout or stderr.
@@ -147,7 +182,12 @@ fn mkfifo(path: &Path) -> io::Result<()> {
     nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)).map_err(io::Error::from)
 }
 
-async fn read(receiver: pipe::Receiver, recent: Arc<Mutex<VecDeque<Line>>>, redactor: Arc<RwLock<Redactor>>) {
+async fn read(
+    receiver: pipe::Receiver,
+    recent: Arc<Mutex<VecDeque<Line>>>,
+    redactor: Arc<RwLock<Redactor>>,
+    marked_down_tx: mpsc::Sender<(String, String)>,
+) {
     let mut lines = BufReader::new(receiver).lines();
     loop {
         let raw = match lines.next_line().await {
@@ -162,6 +202,9 @@ async fn read(receiver: pipe::Receiver, recent: Arc<Mutex<VecDeque<Line>>>, reda
             continue;
         }
         let (severity, pid, msg) = parse_line(&raw);
+        if let Some((backend, server)) = marked_down(msg) {
+            let _ = marked_down_tx.try_send((backend.to_owned(), server.to_owned()));
+        }
         let message = redactor.read().unwrap_or_else(|e| e.into_inner()).redact(msg);
         match severity {
             Severity::Alert => tracing::error!(target: "haproxy", pid, "{message}"),
@@ -188,5 +231,17 @@ mod tests {
         assert_eq!((s, pid, m), (Severity::Notice, Some(24050), "New worker (24053) forked"));
         assert_eq!(parse_line("[WARNING]  (7) : x").0, Severity::Warning);
         assert_eq!(parse_line("plain text"), (Severity::Notice, None, "plain text"));
+    }
+
+    #[test]
+    fn recognises_a_mark_down() {
+        let (_, _, m) = parse_line(
+            "[WARNING]  (8958) : Server masters/master-2 is DOWN, reason: Layer4 connection problem, info: \
+             \"Connection refused\", check duration: 0ms. 2 active and 3 backup servers left.",
+        );
+        assert_eq!(marked_down(m), Some(("masters", "master-2")));
+        assert_eq!(marked_down("Server masters/master-2 is going DOWN for maintenance."), None);
+        assert_eq!(marked_down("Server masters/master-2 is UP, reason: Layer7 check passed"), None);
+        assert_eq!(marked_down("Server b/s2 is DOWN/READY (leaving forced maintenance)."), None);
     }
 }

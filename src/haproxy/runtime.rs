@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use tokio::time::{Instant, sleep};
 
+use super::stat;
 use super::supervisor::{Haproxy, SupervisorError};
 use crate::config::Master;
 use crate::render::{BACKEND, CheckPlan, FALLBACK_SUFFIX, fallback_params, server_params};
@@ -185,4 +186,17 @@ pub async fn delete(h: &Haproxy, name: &str) -> Result<(), RuntimeError> {
         expect(h, format!("del server {BACKEND}/{server}"), "Server deleted").await?;
     }
     Ok(())
+}
+
+/// Closes the established sessions of a master marked DOWN, as
+/// `on-marked-down shutdown-sessions` does where it is safe (see
+/// [`crate::render::Features`]); sessions still connecting are left to
+/// fail over by themselves. Returns how many were closed.
+pub async fn close_established(h: &Haproxy, name: &str) -> Result<usize, RuntimeError> {
+    let sessions = stat::established_sessions(&h.runtime("show sess").await?, BACKEND, name);
+    for id in &sessions {
+        // A session that ended in between answers an error; nothing to do.
+        h.runtime(&format!("shutdown session {id}")).await?;
+    }
+    Ok(sessions.len())
 }

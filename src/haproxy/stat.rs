@@ -129,6 +129,20 @@ pub fn parse_show_proc(text: &str) -> Result<ProcInfo, ParseError> {
     Ok(ProcInfo { master_pid, reloads, failed_reloads, workers, old_workers, version })
 }
 
+/// The streams of `backend/server` whose server side is established, from
+/// `show sess` (3.0's short form: `0x…: proto=tcpv4 src=… fe=… be=B srv=S
+/// … scf=[8,…] scb=[8,…] …`, where 8 is the established state). Streams
+/// still connecting are left out: they fail over by themselves.
+pub fn established_sessions(text: &str, backend: &str, server: &str) -> Vec<String> {
+    let (be, srv) = (format!(" be={backend} "), format!(" srv={server} "));
+    text.lines()
+        .filter(|l| l.contains(&be) && l.contains(&srv) && l.contains(" scb=[8,"))
+        .filter_map(|l| l.split_once(':').map(|(id, _)| id.trim()))
+        .filter(|id| id.starts_with("0x") && id.len() > 2 && id[2..].bytes().all(|b| b.is_ascii_hexdigit()))
+        .map(str::to_owned)
+        .collect()
+}
+
 /// A server's administrative and health state, simplified.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "UPPERCASE")]
@@ -335,6 +349,24 @@ mod tests {
         let p = parse_show_proc(text).unwrap();
         assert!(!p.recovery() && !p.last_reload_failed());
         assert_eq!(p.serving(), vec![Proc { pid: 22404, reloads: 0 }]);
+    }
+
+    /// As HAProxy 3.0.11 printed it.
+    #[test]
+    fn finds_the_established_sessions_of_a_server() {
+        let text = "0x7fea4dd09c00: proto=tcpv4 src=127.0.0.1:56958 fe=apiserver be=masters srv=master-2 ts=00 \
+            epoch=0xb age=3s calls=2 rate=0 cpu=0 lat=0 rq[f=808000h,i=0,an=00h,ax=] rp[f=80000000h,i=0,an=00h,ax=] \
+            scf=[8,14200h,fd=21,rex=,wex=] scb=[10,30005h,fd=19,rex=,wex=] exp=0s rc=0 c_exp=\n\
+            0x7fea4e081c00: proto=tcpv4 src=127.0.0.1:56966 fe=apiserver be=masters srv=master-2 ts=00 \
+            epoch=0xb age=9s calls=5 rate=0 cpu=0 lat=0 rq[f=8c8000h,i=0,an=00h,ax=] rp[f=80048000h,i=0,an=00h,ax=] \
+            scf=[8,200h,fd=23,rex=,wex=] scb=[8,1h,fd=26,rex=,wex=] exp=29m rc=0 c_exp=\n\
+            0x7fea4e081d00: proto=tcpv4 src=127.0.0.1:56970 fe=apiserver be=masters srv=master-21 ts=00 \
+            scf=[8,200h,fd=24,rex=,wex=] scb=[8,1h,fd=27,rex=,wex=] exp=29m rc=0 c_exp=\n\
+            0x7fea4e29a400: proto=unix_stream source=unix:1 fe=GLOBAL be=<NONE> srv=<none> ts=00 \
+            scf=[8,0h,fd=16,rex=30s,wex=] scb=[8,1h,fd=-1,rex=,wex=] exp=30s rc=0 c_exp=\n";
+        assert_eq!(established_sessions(text, "masters", "master-2"), vec!["0x7fea4e081c00".to_owned()]);
+        assert!(established_sessions(text, "masters", "master-3").is_empty());
+        assert!(established_sessions("Unknown command.\n", "masters", "master-2").is_empty());
     }
 
     #[test]

@@ -687,9 +687,20 @@ pub struct LoadReport {
     pub failures: Vec<Failure>,
     /// Successful requests per serving master.
     pub by_server: HashMap<String, u64>,
-    /// Successful requests that started at or after each instant passed to
-    /// [`LoadReport::ok_since`] are counted from `successes`.
-    pub successes: Vec<(Instant, String)>,
+    /// Every successful attempt (the first 200,000), for
+    /// [`LoadReport::ok_since`] and [`LoadReport::slowest_since`].
+    pub successes: Vec<Success>,
+}
+
+/// One successful attempt of a [`Load`] client.
+#[derive(Debug, Clone)]
+pub struct Success {
+    /// When the attempt started.
+    pub started: Instant,
+    /// How long it took, from connecting to the answer.
+    pub took: Duration,
+    /// The master that answered.
+    pub server: String,
 }
 
 impl LoadReport {
@@ -704,12 +715,17 @@ impl LoadReport {
     /// Successful attempts that started at or after `t`, by server.
     pub fn ok_since(&self, t: Instant) -> HashMap<String, u64> {
         let mut m = HashMap::new();
-        for (at, s) in &self.successes {
-            if *at >= t {
-                *m.entry(s.clone()).or_default() += 1;
-            }
+        for s in self.successes.iter().filter(|s| s.started >= t) {
+            *m.entry(s.server.clone()).or_default() += 1;
         }
         m
+    }
+    /// The longest an attempt that started at or after `t` waited for its
+    /// outcome, success or failure.
+    pub fn slowest_since(&self, t: Instant) -> Duration {
+        let ok = self.successes.iter().filter(|s| s.started >= t).map(|s| s.took);
+        let failed = self.failed_since(t).into_iter().map(|f| f.ended.duration_since(f.started));
+        ok.chain(failed).max().unwrap_or_default()
     }
 }
 
@@ -747,7 +763,11 @@ impl Load {
                                 report.ok += 1;
                                 *report.by_server.entry(server.clone()).or_default() += 1;
                                 if report.successes.len() < 200_000 {
-                                    report.successes.push((started, server));
+                                    report.successes.push(Success {
+                                        started,
+                                        took: started.elapsed(),
+                                        server,
+                                    });
                                 }
                             }
                             Err(e) => {
