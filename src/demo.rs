@@ -23,7 +23,7 @@ use crate::status_client;
 pub enum DemoError {
     /// HAProxy is not installed.
     #[error(
-        "the demo needs HAProxy 2.4 or later: {0} (on Debian/Ubuntu: sudo apt-get install haproxy, or run scripts/ensure-deps)"
+        "the demo needs HAProxy 2.6 or later: {0} (on Debian/Ubuntu: sudo apt-get install haproxy, or run scripts/ensure-deps)"
     )]
     Haproxy(#[source] crate::haproxy::BinaryError),
     /// The test servers could not start.

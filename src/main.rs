@@ -67,7 +67,7 @@ enum Command {
     /// anonymous auth off, like k3s; the checks use a verified client
     /// certificate. Break masters from the prompt (crash, hang, fail) and
     /// watch the failover. Ctrl-C stops everything and removes every file.
-    /// Needs HAProxy 2.4+ installed; runs without root.
+    /// Needs HAProxy 2.6+ installed; runs without root.
     Demo {
         /// The HAProxy binary to use.
         #[arg(long, default_value = "haproxy")]

@@ -15,9 +15,11 @@ use tokio::process::Command;
 use crate::fsutil;
 use crate::render::{Features, Paths, Rendered};
 
-/// The oldest HAProxy apilb renders for (Debian 12 ships 2.6; 2.4 is the
-/// oldest whose directives the template uses).
-pub const MIN_VERSION: (u32, u32) = (2, 4);
+/// The oldest HAProxy apilb runs on: the oldest it is tested on (Debian
+/// 12's 2.6; the README's support table). 2.4 (RHEL 8 and 9's AppStream)
+/// was never run, and lacks `add server` with checks, which discovery
+/// uses.
+pub const MIN_VERSION: (u32, u32) = (2, 6);
 
 /// Failures of the HAProxy binary itself.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +74,11 @@ pub struct Version {
 }
 
 impl Version {
+    /// True from [`MIN_VERSION`] on.
+    pub fn supported(&self) -> bool {
+        self.at_least(MIN_VERSION.0, MIN_VERSION.1)
+    }
+
     /// True for `major.minor` or any later version.
     pub fn at_least(&self, major: u32, minor: u32) -> bool {
         (self.parts.0, self.parts.1) >= (major, minor)
@@ -156,7 +163,7 @@ impl Binary {
         let first = text.lines().next().unwrap_or_default().to_owned();
         let version = parse_version(&first)
             .ok_or_else(|| BinaryError::Version { binary: self.path.clone(), output: first })?;
-        if (version.parts.0, version.parts.1) < MIN_VERSION {
+        if !version.supported() {
             return Err(BinaryError::TooOld { version: version.full });
         }
         Ok(version)
@@ -332,6 +339,7 @@ mod tests {
         assert!(!v30.add_server_init_state() && v31.add_server_init_state());
         assert!(!v28.wait_srv_removable() && v30.wait_srv_removable());
         assert!(v("10.0").at_least(3, 1) && !v("2.10").at_least(3, 0));
+        assert!(v26.supported() && !v("2.4.22").supported() && !v("1.8.27").supported());
         assert!(
             v26.features().shutdown_sessions_on_mark_down && v32.features().shutdown_sessions_on_mark_down
         );

@@ -74,7 +74,7 @@ impl ProcInfo {
     }
 }
 
-/// Parses `show proc` as printed by HAProxy 2.4 to 3.3 (3.1+ omits
+/// Parses `show proc` as printed by HAProxy 2.6 to 3.3 (3.1+ omits
 /// `# programs` when there are none, and may list `# old workers` empty):
 ///
 /// ```text
