@@ -409,6 +409,18 @@ async fn check(path: &Path) -> Result<(), Failure> {
     let (config, inputs) = apilb::load_parts(path).map_err(config_error)?;
     let binary = Binary::new(&config.haproxy.binary);
     let version = binary.version().await.map_err(|e| (EXIT_FAILURE, e.to_string()))?;
+    // The hash the agent reports: rendered with the config's own paths.
+    // (The file validated below has scratch paths, so it differs.)
+    let hash = apilb::assemble(
+        config.clone(),
+        inputs.clone(),
+        &render::Paths::from_config(&config),
+        version.features(),
+    )
+    .rendered
+    .short_hash()
+    .to_owned();
+    let kubeconfig_note = check_discovery_kubeconfig(&config)?;
     let loaded = apilb::assemble(config, inputs, &paths, version.features());
     let warnings =
         binary.validate_at(&loaded.rendered, &paths, &paths.config_file()).await.map_err(|e| match e {
@@ -418,10 +430,19 @@ async fn check(path: &Path) -> Result<(), Failure> {
     for w in warnings {
         println!("haproxy warning: {w}");
     }
-    for note in &loaded.inputs.check.notes {
+    for note in loaded.inputs.check.notes.iter().chain(&kubeconfig_note) {
         println!("note: {note}");
     }
     let c = &loaded.config;
+    if let Err(e) = apilb::haproxy::ensure_fd_limit(
+        apilb::haproxy::fds_needed(c.haproxy.maxconn, c.masters.len()),
+        c.haproxy.maxconn,
+    ) {
+        println!("note: in this environment (not necessarily the agent's): {e}");
+    }
+    if c.discovery.kubernetes.is_some() {
+        println!("note: with discovery the agent's master set, and so its config hash, follow the cluster");
+    }
     println!(
         "{}: valid ({} masters, check {} {} with credential {}, HAProxy {}, config sha256:{})",
         path.display(),
@@ -433,7 +454,33 @@ async fn check(path: &Path) -> Result<(), Failure> {
         },
         loaded.inputs.check.mode_in_use(),
         version.full,
-        loaded.rendered.short_hash(),
+        hash,
     );
     Ok(())
+}
+
+/// Reads discovery's kubeconfig, as the agent will. One that does not exist
+/// yet is a note, not an error: on a node that has not joined, it appears
+/// with the join (the agent uses the static masters until then). One that
+/// exists but cannot be used is a configuration error.
+fn check_discovery_kubeconfig(config: &apilb::config::Config) -> Result<Option<String>, Failure> {
+    let Some(settings) = &config.discovery.kubernetes else {
+        return Ok(None);
+    };
+    let path = match apilb::discovery::kubeconfig_path(settings) {
+        Ok(p) => p,
+        Err(e) => {
+            return Ok(Some(format!("discovery: {e}; the agent uses the static masters until one exists")));
+        }
+    };
+    if !path.exists() {
+        return Ok(Some(format!(
+            "discovery.kubernetes.kubeconfig {} does not exist (yet); the agent uses the static masters until \
+             it does",
+            path.display()
+        )));
+    }
+    apilb::discovery::kubeconfig::load(&path)
+        .map_err(|e| (EXIT_CONFIG, format!("discovery.kubernetes.kubeconfig: {e}")))?;
+    Ok(None)
 }

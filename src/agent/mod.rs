@@ -121,6 +121,9 @@ pub enum AgentError {
     /// The frontend never accepted a connection.
     #[error("HAProxy runs but its frontend on {0} does not accept connections")]
     FrontendDown(SocketAddr),
+    /// HAProxy could not get the file descriptors its `maxconn` needs.
+    #[error("{0}")]
+    FdLimit(String),
 }
 
 impl AgentError {
@@ -286,6 +289,11 @@ pub async fn start(opts: Options) -> Result<Handle, AgentError> {
     let version = binary.version().await.map_err(AgentError::Binary)?;
     let mut loaded = effective(yaml, inputs, &sources, &paths, version.features());
     let config = &loaded.config;
+    crate::haproxy::ensure_fd_limit(
+        crate::haproxy::fds_needed(config.haproxy.maxconn, config.masters.len()),
+        config.haproxy.maxconn,
+    )
+    .map_err(AgentError::FdLimit)?;
 
     for dir in [&paths.runtime_dir, &paths.state_dir] {
         fsutil::ensure_private_dir(dir).map_err(|source| AgentError::Files { path: dir.clone(), source })?;
@@ -610,17 +618,9 @@ impl Agent {
     /// Validates a new render, writes it and reloads HAProxy. On any
     /// failure the running config and the file on disk stay as they were.
     async fn apply(&mut self, loaded: Loaded, why: &str) {
-        let old = &self.applied.loaded.config;
-        let new = &loaded.config;
-        if old.haproxy.runtime_dir != new.haproxy.runtime_dir
-            || old.haproxy.state_dir != new.haproxy.state_dir
-            || old.haproxy.binary != new.haproxy.binary
-            || old.metrics.listen != new.metrics.listen
-        {
-            let msg = "haproxy.binary, haproxy.runtime_dir, haproxy.state_dir and metrics.listen only \
-                       change when apilb restarts (systemctl restart apilb)";
+        if let Some(msg) = crate::config::restart_only::refusal(&self.applied.loaded.config, &loaded.config) {
             self.refused_hash = Some(loaded.rendered.hash.clone());
-            self.refuse("invalid_config", msg.into(), false);
+            self.refuse("invalid_config", msg, false);
             return;
         }
         let staged = match stage_and_validate(&self.binary, &self.paths, &loaded.rendered).await {
