@@ -129,7 +129,8 @@ enum Command {
     },
     /// Print the manual page (roff), e.g. `apilb man | man -l -`.
     Man {
-        /// Write apilb.1 and one page per subcommand (apilb-run.1, …) here.
+        /// Write apilb.1, one page per subcommand (apilb-run.1, …) and the
+        /// configuration file's, apilb.yaml.5, here.
         #[arg(long)]
         out_dir: Option<PathBuf>,
     },
@@ -261,7 +262,9 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             match out_dir {
                 Some(dir) => {
                     std::fs::create_dir_all(&dir).map_err(fail)?;
-                    clap_mangen::generate_to(cmd, &dir).map_err(fail)
+                    clap_mangen::generate_to(cmd, &dir).map_err(fail)?;
+                    let page = apilb::manual::config_page(env!("CARGO_PKG_VERSION"));
+                    std::fs::write(dir.join("apilb.yaml.5"), page).map_err(fail)
                 }
                 None => clap_mangen::Man::new(cmd).render(&mut std::io::stdout()).map_err(fail),
             }
@@ -362,7 +365,7 @@ async fn reload(path: &Path, pid: Option<i32>, timeout: Duration) -> Result<(), 
     let pid = match pid {
         Some(p) => p,
         None => {
-            let file = config.haproxy.runtime_dir.join("apilb.pid");
+            let file = render::Paths::from_config(&config).agent_pidfile();
             std::fs::read_to_string(&file).ok().and_then(|s| s.trim().parse().ok()).ok_or_else(|| {
                 (EXIT_FAILURE, format!("cannot read the agent's pid from {}; pass --pid", file.display()))
             })?
