@@ -1183,5 +1183,7 @@ impl Serialize for Duration {
     }
 }
 
+pub mod restart_only;
+
 #[cfg(test)]
 mod tests;

@@ -129,7 +129,8 @@ enum Command {
     },
     /// Print the manual page (roff), e.g. `apilb man | man -l -`.
     Man {
-        /// Write apilb.1 and one page per subcommand (apilb-run.1, …) here.
+        /// Write apilb.1, one page per subcommand (apilb-run.1, …) and the
+        /// configuration file's, apilb.yaml.5, here.
         #[arg(long)]
         out_dir: Option<PathBuf>,
     },
@@ -261,7 +262,9 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             match out_dir {
                 Some(dir) => {
                     std::fs::create_dir_all(&dir).map_err(fail)?;
-                    clap_mangen::generate_to(cmd, &dir).map_err(fail)
+                    clap_mangen::generate_to(cmd, &dir).map_err(fail)?;
+                    let page = apilb::manual::config_page(env!("CARGO_PKG_VERSION"));
+                    std::fs::write(dir.join("apilb.yaml.5"), page).map_err(fail)
                 }
                 None => clap_mangen::Man::new(cmd).render(&mut std::io::stdout()).map_err(fail),
             }
@@ -362,7 +365,7 @@ async fn reload(path: &Path, pid: Option<i32>, timeout: Duration) -> Result<(), 
     let pid = match pid {
         Some(p) => p,
         None => {
-            let file = config.haproxy.runtime_dir.join("apilb.pid");
+            let file = render::Paths::from_config(&config).agent_pidfile();
             std::fs::read_to_string(&file).ok().and_then(|s| s.trim().parse().ok()).ok_or_else(|| {
                 (EXIT_FAILURE, format!("cannot read the agent's pid from {}; pass --pid", file.display()))
             })?
@@ -409,6 +412,18 @@ async fn check(path: &Path) -> Result<(), Failure> {
     let (config, inputs) = apilb::load_parts(path).map_err(config_error)?;
     let binary = Binary::new(&config.haproxy.binary);
     let version = binary.version().await.map_err(|e| (EXIT_FAILURE, e.to_string()))?;
+    // The hash the agent reports: rendered with the config's own paths.
+    // (The file validated below has scratch paths, so it differs.)
+    let hash = apilb::assemble(
+        config.clone(),
+        inputs.clone(),
+        &render::Paths::from_config(&config),
+        version.features(),
+    )
+    .rendered
+    .short_hash()
+    .to_owned();
+    let kubeconfig_note = check_discovery_kubeconfig(&config)?;
     let loaded = apilb::assemble(config, inputs, &paths, version.features());
     let warnings =
         binary.validate_at(&loaded.rendered, &paths, &paths.config_file()).await.map_err(|e| match e {
@@ -418,10 +433,19 @@ async fn check(path: &Path) -> Result<(), Failure> {
     for w in warnings {
         println!("haproxy warning: {w}");
     }
-    for note in &loaded.inputs.check.notes {
+    for note in loaded.inputs.check.notes.iter().chain(&kubeconfig_note) {
         println!("note: {note}");
     }
     let c = &loaded.config;
+    if let Err(e) = apilb::haproxy::ensure_fd_limit(
+        apilb::haproxy::fds_needed(c.haproxy.maxconn, c.masters.len()),
+        c.haproxy.maxconn,
+    ) {
+        println!("note: in this environment (not necessarily the agent's): {e}");
+    }
+    if c.discovery.kubernetes.is_some() {
+        println!("note: with discovery the agent's master set, and so its config hash, follow the cluster");
+    }
     println!(
         "{}: valid ({} masters, check {} {} with credential {}, HAProxy {}, config sha256:{})",
         path.display(),
@@ -433,7 +457,33 @@ async fn check(path: &Path) -> Result<(), Failure> {
         },
         loaded.inputs.check.mode_in_use(),
         version.full,
-        loaded.rendered.short_hash(),
+        hash,
     );
     Ok(())
+}
+
+/// Reads discovery's kubeconfig, as the agent will. One that does not exist
+/// yet is a note, not an error: on a node that has not joined, it appears
+/// with the join (the agent uses the static masters until then). One that
+/// exists but cannot be used is a configuration error.
+fn check_discovery_kubeconfig(config: &apilb::config::Config) -> Result<Option<String>, Failure> {
+    let Some(settings) = &config.discovery.kubernetes else {
+        return Ok(None);
+    };
+    let path = match apilb::discovery::kubeconfig_path(settings) {
+        Ok(p) => p,
+        Err(e) => {
+            return Ok(Some(format!("discovery: {e}; the agent uses the static masters until one exists")));
+        }
+    };
+    if !path.exists() {
+        return Ok(Some(format!(
+            "discovery.kubernetes.kubeconfig {} does not exist (yet); the agent uses the static masters until \
+             it does",
+            path.display()
+        )));
+    }
+    apilb::discovery::kubeconfig::load(&path)
+        .map_err(|e| (EXIT_CONFIG, format!("discovery.kubernetes.kubeconfig: {e}")))?;
+    Ok(None)
 }

@@ -92,6 +92,20 @@ impl Paths {
     pub fn client_bundle(&self, digest: &str) -> PathBuf {
         self.runtime_dir.join(format!("check-client-{}.pem", &digest[..16]))
     }
+    /// A rendered config being validated, before it is renamed over
+    /// [`Paths::config_file`].
+    pub fn staging_config(&self) -> PathBuf {
+        self.runtime_dir.join("haproxy.cfg.next")
+    }
+    /// The hash of the config HAProxy runs, so the next agent knows what
+    /// it adopts.
+    pub fn applied_marker(&self) -> PathBuf {
+        self.runtime_dir.join("applied.sha256")
+    }
+    /// The agent's own pid, for `apilb reload` and operators.
+    pub fn agent_pidfile(&self) -> PathBuf {
+        self.runtime_dir.join("apilb.pid")
+    }
 }
 
 /// A file the rendered config refers to and that must be written (0600)

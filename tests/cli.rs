@@ -306,7 +306,9 @@ async fn reload_reports_the_outcome_like_systemctl_reload_should() {
     let (code, out) = run(reload(&config)).await.unwrap();
     assert_eq!(code, Some(1), "{out}");
     assert!(
-        out.contains("did not apply the change") && out.contains("only change when apilb restarts"),
+        out.contains("did not apply the change")
+            && out.contains("haproxy.state_dir changed")
+            && out.contains(apilb::config::restart_only::HANDOVER),
         "{out}"
     );
 
@@ -347,4 +349,134 @@ async fn reload_reports_the_outcome_like_systemctl_reload_should() {
     .unwrap();
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("masters up"), "{out}");
+}
+
+/// Runs `apilb check` on the lab's config; returns (exit code, stdout + stderr).
+fn check(config: &std::path::Path) -> (Option<i32>, String) {
+    let out = apilb().arg("check").arg("--config").arg(config).output().unwrap();
+    (
+        out.status.code(),
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_prints_the_hash_the_agent_reports() {
+    let mut env = Env::new(LabOptions::default()).await;
+    env.start_agent().await;
+    let s = env.wait_all_up().await;
+    let config = env.lab.config_path();
+    let (code, out) = tokio::task::spawn_blocking(move || check(&config)).await.unwrap();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains(&format!("config sha256:{}", &s.config.hash[..12])),
+        "status {}: {out}",
+        s.config.hash
+    );
+}
+
+#[test]
+fn check_reads_the_discovery_kubeconfig() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = "masters: [10.0.0.1:6443]\nhealth: {tls: {insecure_skip_verify: true}, auth: {mode: none}}\n";
+    let cfg = dir.path().join("apilb.yaml");
+    // Not there yet (a node before its join): a note, not a failure.
+    let missing = dir.path().join("kubeproxy.kubeconfig");
+    let discovery = format!("discovery: {{kubernetes: {{kubeconfig: {}}}}}\n", missing.display());
+    std::fs::write(&cfg, format!("{base}{discovery}")).unwrap();
+    let (code, out) = check(&cfg);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains(&format!(
+            "note: discovery.kubernetes.kubeconfig {} does not exist (yet)",
+            missing.display()
+        )),
+        "{out}"
+    );
+    // There but unusable: a configuration error naming the key.
+    std::fs::write(&missing, "apiVersion: v1\nclusters: []\n").unwrap();
+    let (code, out) = check(&cfg);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.contains("discovery.kubernetes.kubeconfig:") && out.contains(&missing.display().to_string()),
+        "{out}"
+    );
+}
+
+#[test]
+fn check_works_from_a_deleted_working_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("apilb.yaml");
+    std::fs::write(
+        &cfg,
+        "masters: [10.0.0.1:6443]\nhealth: {tls: {insecure_skip_verify: true}, auth: {mode: none}}\n",
+    )
+    .unwrap();
+    let cwd = dir.path().join("gone");
+    std::fs::create_dir(&cwd).unwrap();
+    let c = std::ffi::CString::new(cwd.as_os_str().as_encoded_bytes()).unwrap();
+    let mut cmd = apilb();
+    cmd.arg("check").arg("--config").arg(&cfg);
+    // SAFETY: chdir and rmdir are async-signal-safe; the path was
+    // allocated before the fork. The child enters the directory, which is
+    // then deleted under it, before apilb runs.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            if libc::chdir(c.as_ptr()) != 0 || libc::rmdir(c.as_ptr()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    assert!(!cwd.exists());
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{text}");
+}
+
+/// True when this process may raise its hard limits (CAP_SYS_RESOURCE).
+fn can_raise_limits() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let eff = status.lines().find_map(|l| l.strip_prefix("CapEff:")).unwrap().trim();
+    // Bit 24 is CAP_SYS_RESOURCE (linux/capability.h).
+    u64::from_str_radix(eff, 16).unwrap() & (1 << 24) != 0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_low_hard_fd_limit_is_met_or_explained_before_haproxy_starts() {
+    // HAProxy needs about 2 × maxconn descriptors (4096 by default) and
+    // cannot raise its limit past the hard one: under 1024 it refused to
+    // start ("Cannot raise FD limit to 8233, limit is 1024").
+    let env = Env::new(LabOptions::default()).await;
+    let mut agent = AgentProcess::spawn_with_fd_limit(&env.lab, "fd-limit", 1024);
+    if can_raise_limits() {
+        agent.wait_ready(&env.lab).await;
+        assert!(
+            agent.logs().contains("raised the hard file descriptor limit for HAProxy"),
+            "{}",
+            agent.logs()
+        );
+        agent.signal(nix::sys::signal::Signal::SIGTERM);
+        assert!(agent.wait_exit(Duration::from_secs(10)).is_some_and(|e| e.success()));
+    } else {
+        // Said up front, naming the setting and what fits; no HAProxy.
+        let exit = agent.wait_exit(Duration::from_secs(10));
+        let logs = agent.logs();
+        assert_eq!(exit.and_then(|e| e.code()), Some(1), "{logs}");
+        assert!(
+            logs.contains("haproxy.maxconn 4096 needs about")
+                && logs.contains("the hard limit here is 1024")
+                && logs.contains("set haproxy.maxconn to 474 or less"),
+            "{logs}"
+        );
+        assert!(env.haproxy_pid().is_none(), "HAProxy was started");
+    }
+    // A maxconn that fits starts under the same limit.
+    let yaml = env.lab.config_yaml("  maxconn: 400\n");
+    env.lab.write_config(&yaml).unwrap();
+    let mut agent = AgentProcess::spawn_with_fd_limit(&env.lab, "fd-limit-400", 1024);
+    agent.wait_ready(&env.lab).await;
+    assert!(served_by(&env).await.is_ok());
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(agent.wait_exit(Duration::from_secs(10)).is_some_and(|e| e.success()));
 }

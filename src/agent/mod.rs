@@ -121,6 +121,9 @@ pub enum AgentError {
     /// The frontend never accepted a connection.
     #[error("HAProxy runs but its frontend on {0} does not accept connections")]
     FrontendDown(SocketAddr),
+    /// HAProxy could not get the file descriptors its `maxconn` needs.
+    #[error("{0}")]
+    FdLimit(String),
 }
 
 impl AgentError {
@@ -258,10 +261,6 @@ fn unix_now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
-fn applied_marker(paths: &Paths) -> PathBuf {
-    paths.runtime_dir.join("applied.sha256")
-}
-
 /// Starts the agent: loads and validates the config, binds the HTTP
 /// endpoint, adopts or starts HAProxy and waits until the frontend accepts
 /// connections. Config errors are reported before anything is bound.
@@ -286,6 +285,11 @@ pub async fn start(opts: Options) -> Result<Handle, AgentError> {
     let version = binary.version().await.map_err(AgentError::Binary)?;
     let mut loaded = effective(yaml, inputs, &sources, &paths, version.features());
     let config = &loaded.config;
+    crate::haproxy::ensure_fd_limit(
+        crate::haproxy::fds_needed(config.haproxy.maxconn, config.masters.len()),
+        config.haproxy.maxconn,
+    )
+    .map_err(AgentError::FdLimit)?;
 
     for dir in [&paths.runtime_dir, &paths.state_dir] {
         fsutil::ensure_private_dir(dir).map_err(|source| AgentError::Files { path: dir.clone(), source })?;
@@ -335,7 +339,7 @@ pub async fn start(opts: Options) -> Result<Handle, AgentError> {
     let mut running = Running::of(&loaded.rendered);
     let mut stale_adoption = false;
     if haproxy.adopted() {
-        let marker = std::fs::read_to_string(applied_marker(&paths)).unwrap_or_default();
+        let marker = std::fs::read_to_string(paths.applied_marker()).unwrap_or_default();
         if marker.trim() != loaded.rendered.hash {
             stale_adoption = true;
             running.hash = marker.trim().to_owned();
@@ -422,7 +426,7 @@ pub async fn start(opts: Options) -> Result<Handle, AgentError> {
     }));
 
     // For `apilb reload` and operators: which process is the agent.
-    let pidfile = agent.paths.runtime_dir.join("apilb.pid");
+    let pidfile = agent.paths.agent_pidfile();
     if let Err(e) = fsutil::write_atomic(&pidfile, format!("{}\n", std::process::id()).as_bytes(), 0o600) {
         tracing::warn!(error = %e, path = %pidfile.display(), "cannot write the agent's pidfile");
     }
@@ -442,7 +446,7 @@ async fn stage_and_validate(
     paths: &Paths,
     rendered: &Rendered,
 ) -> Result<PathBuf, BinaryError> {
-    let staging = paths.runtime_dir.join("haproxy.cfg.next");
+    let staging = paths.staging_config();
     let result = binary.validate_at(rendered, paths, &staging).await;
     if result.is_err() {
         let _ = std::fs::remove_file(&staging);
@@ -457,7 +461,7 @@ async fn stage_and_validate(
 fn promote(paths: &Paths, staging: &Path, rendered: &Rendered) -> Result<(), AgentError> {
     let target = paths.config_file();
     std::fs::rename(staging, &target).map_err(|source| AgentError::Files { path: target.clone(), source })?;
-    let marker = applied_marker(paths);
+    let marker = paths.applied_marker();
     fsutil::write_atomic(&marker, rendered.hash.as_bytes(), 0o600)
         .map_err(|source| AgentError::Files { path: marker, source })
 }
@@ -610,17 +614,9 @@ impl Agent {
     /// Validates a new render, writes it and reloads HAProxy. On any
     /// failure the running config and the file on disk stay as they were.
     async fn apply(&mut self, loaded: Loaded, why: &str) {
-        let old = &self.applied.loaded.config;
-        let new = &loaded.config;
-        if old.haproxy.runtime_dir != new.haproxy.runtime_dir
-            || old.haproxy.state_dir != new.haproxy.state_dir
-            || old.haproxy.binary != new.haproxy.binary
-            || old.metrics.listen != new.metrics.listen
-        {
-            let msg = "haproxy.binary, haproxy.runtime_dir, haproxy.state_dir and metrics.listen only \
-                       change when apilb restarts (systemctl restart apilb)";
+        if let Some(msg) = crate::config::restart_only::refusal(&self.applied.loaded.config, &loaded.config) {
             self.refused_hash = Some(loaded.rendered.hash.clone());
-            self.refuse("invalid_config", msg.into(), false);
+            self.refuse("invalid_config", msg, false);
             return;
         }
         let staged = match stage_and_validate(&self.binary, &self.paths, &loaded.rendered).await {
@@ -673,7 +669,7 @@ impl Agent {
                     fsutil::write_atomic(&self.paths.config_file(), self.running.text.as_bytes(), 0o600)
                         .and_then(|()| {
                             fsutil::write_atomic(
-                                &applied_marker(&self.paths),
+                                &self.paths.applied_marker(),
                                 self.running.hash.as_bytes(),
                                 0o600,
                             )
@@ -739,6 +735,13 @@ impl Agent {
             tracing::warn!(
                 "bootstrap: no usable credential for the /readyz check yet, so 401/403 count as \
                  \"alive, readiness unknown\"; apilb switches to authenticated checks when one appears"
+            );
+        } else if self.status.check.auth == "bootstrap" {
+            tracing::info!(
+                credential = check.mode_in_use(),
+                source = %check.source,
+                verified,
+                "bootstrap over: the /readyz check now presents the node's credential; 401/403 count as failures"
             );
         }
         self.status.check =

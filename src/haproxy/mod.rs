@@ -148,6 +148,9 @@ impl Binary {
     async fn output(&self, args: &[&std::ffi::OsStr]) -> Result<std::process::Output, BinaryError> {
         Command::new(&self.path)
             .args(args)
+            // HAProxy resolves relative paths against its working directory,
+            // and fails when that directory was deleted: never inherit one.
+            .current_dir("/")
             .stdin(Stdio::null())
             .env_remove("NOTIFY_SOCKET")
             .kill_on_drop(true)
@@ -282,6 +285,38 @@ pub fn repair_server_state(path: &Path) {
     }
 }
 
+/// File descriptors HAProxy asks for: two per connection (client and
+/// server side) plus its listeners, sockets and one per checked server. A
+/// slight overestimate of HAProxy's own sum (8,233 for `maxconn 4096` and
+/// three masters, as 2.6 reported it).
+pub fn fds_needed(maxconn: u32, masters: usize) -> u64 {
+    2 * u64::from(maxconn) + 64 + 4 * masters as u64
+}
+
+/// Makes room for `needed` file descriptors in this process's limits, which
+/// HAProxy inherits: HAProxy raises its soft limit by itself but cannot go
+/// past the hard one, and then refuses to start ("Cannot raise FD limit").
+/// Raises the hard limit when allowed (root with CAP_SYS_RESOURCE);
+/// otherwise says what to change, naming `haproxy.maxconn`.
+pub fn ensure_fd_limit(needed: u64, maxconn: u32) -> Result<(), String> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) =
+        getrlimit(Resource::RLIMIT_NOFILE).map_err(|e| format!("cannot read RLIMIT_NOFILE: {e}"))?;
+    if hard >= needed {
+        return Ok(());
+    }
+    if setrlimit(Resource::RLIMIT_NOFILE, soft.max(needed), needed).is_ok() {
+        tracing::info!(from = hard, to = needed, "raised the hard file descriptor limit for HAProxy");
+        return Ok(());
+    }
+    let fits = hard.saturating_sub(needed - 2 * u64::from(maxconn)) / 2;
+    Err(format!(
+        "haproxy.maxconn {maxconn} needs about {needed} file descriptors, but the hard limit here is {hard} \
+         (ulimit -Hn) and cannot be raised: HAProxy would refuse to start. Raise the limit (LimitNOFILE= \
+         under systemd; the packaged unit sets 65536) or set haproxy.maxconn to {fits} or less"
+    ))
+}
+
 /// Parses the first line of `haproxy -v`:
 /// `HAProxy version 2.6.12-1+deb12u3 2025/10/03 - https://haproxy.org/`.
 pub fn parse_version(line: &str) -> Option<Version> {
@@ -327,6 +362,15 @@ mod tests {
         assert!(server_state_problem(b"garbage\n").unwrap().contains("format version"));
         let truncated = &good[..good.len() - 30];
         assert!(server_state_problem(truncated.as_bytes()).unwrap().starts_with("line 3 is damaged"));
+    }
+
+    #[test]
+    fn sizes_file_descriptors_like_haproxy() {
+        // HAProxy 2.6 asked for 8,233 with maxconn 4096 and three masters.
+        let needed = fds_needed(4096, 3);
+        assert!((8233..8233 + 64).contains(&needed), "{needed}");
+        // This process's limit is enough for a tiny maxconn.
+        assert_eq!(ensure_fd_limit(fds_needed(8, 1), 8), Ok(()));
     }
 
     #[test]

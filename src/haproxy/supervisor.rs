@@ -283,6 +283,9 @@ impl Haproxy {
             .arg("-p")
             .arg(paths.pidfile())
             .env_remove("NOTIFY_SOCKET")
+            // Not the agent's directory: it may be deleted, or a mount
+            // point HAProxy would keep busy for as long as it runs.
+            .current_dir("/")
             .stdin(Stdio::null())
             .stdout(Stdio::from(stdout))
             .stderr(Stdio::from(stderr))

@@ -228,6 +228,33 @@ impl AgentProcess {
     }
 
     pub fn spawn_with(lab: &Lab, name: &str, extra_env: &[(&str, &str)], args: &[&str]) -> AgentProcess {
+        let (mut cmd, log) = Self::command(lab, name, extra_env, args);
+        AgentProcess { child: cmd.spawn().expect("spawn apilb"), log }
+    }
+
+    /// Like `spawn`, with RLIMIT_NOFILE at `limit` (soft and hard), as an
+    /// agent started outside the unit gets on some hosts.
+    pub fn spawn_with_fd_limit(lab: &Lab, name: &str, limit: u64) -> AgentProcess {
+        let (mut cmd, log) = Self::command(lab, name, &[], &[]);
+        // SAFETY: setrlimit is async-signal-safe and allocates nothing.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                let l = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        AgentProcess { child: cmd.spawn().expect("spawn apilb"), log }
+    }
+
+    fn command(
+        lab: &Lab,
+        name: &str,
+        extra_env: &[(&str, &str)],
+        args: &[&str],
+    ) -> (std::process::Command, std::path::PathBuf) {
         let log = lab.path(&format!("{name}.log"));
         let file = std::fs::File::create(&log).unwrap();
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_apilb"));
@@ -240,7 +267,7 @@ impl AgentProcess {
         for (k, v) in extra_env {
             cmd.env(k, v);
         }
-        AgentProcess { child: cmd.spawn().expect("spawn apilb"), log }
+        (cmd, log)
     }
 
     pub fn logs(&self) -> String {
