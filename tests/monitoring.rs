@@ -206,3 +206,55 @@ async fn every_metric_in_contrib_is_exported() {
         missing.join("\n  ")
     );
 }
+
+/// Sends SIGCONT to a process when dropped, so a failing test does not
+/// leave it stopped.
+struct Continue(u32);
+
+impl Drop for Continue {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0 as i32),
+            nix::sys::signal::Signal::SIGCONT,
+        );
+    }
+}
+
+fn signal(pid: u32, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).unwrap();
+}
+
+/// A frozen HAProxy master (SIGSTOP) answers nothing: the agent's poll
+/// must say so at the next check interval, not after the 5 s limit of
+/// other commands, and without holding the agent up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_haproxy_is_seen_down_at_the_next_poll() {
+    let mut env = Env::new(LabOptions::default()).await;
+    env.start_agent().await;
+    env.wait_all_up().await;
+    let pid = env.haproxy_pid().unwrap();
+    let _resume = Continue(pid);
+    signal(pid, nix::sys::signal::Signal::SIGSTOP);
+    let frozen = tokio::time::Instant::now();
+    env.wait_status(Duration::from_secs(15), "HAProxy seen down", |s| !s.haproxy.running).await;
+    let took = frozen.elapsed();
+    let metrics = http_get(env.agent().metrics_addr(), "/metrics").await.1;
+    assert!(metrics.contains("\napilb_haproxy_up 0\n"), "{metrics}");
+    // One check interval (1 s) plus the poll's limit (0.5 s); before, the
+    // poll waited 5 s.
+    assert!(took < Duration::from_secs(3), "HAProxy seen down {took:?} after it froze");
+    // The next polls do not take seconds either: the status keeps coming.
+    let mut status = env.agent().status();
+    status.borrow_and_update();
+    let started = tokio::time::Instant::now();
+    for _ in 0..3 {
+        tokio::time::timeout(Duration::from_secs(3), status.changed())
+            .await
+            .expect("a status update within 3 s while HAProxy is frozen")
+            .unwrap();
+    }
+    let three = started.elapsed();
+    signal(pid, nix::sys::signal::Signal::SIGCONT);
+    env.wait_status(Duration::from_secs(10), "HAProxy up again", |s| s.haproxy.running).await;
+    eprintln!("a frozen HAProxy was seen down after {took:?}; 3 status updates took {three:?} meanwhile");
+}

@@ -2,6 +2,7 @@
 //! status, metrics and logged transitions.
 
 use super::{Agent, unix_now};
+use crate::haproxy::cli::POLL_TIMEOUT;
 use crate::haproxy::stat::Stats;
 use crate::metrics::ServerCounters;
 use crate::render::FALLBACK_SUFFIX;
@@ -15,7 +16,9 @@ impl Agent {
             self.publish();
             return;
         };
-        let (proc, stats) = tokio::join!(h.show_proc(), h.show_stat());
+        // Short limits: a frozen HAProxy shows as down at this poll, and
+        // the agent's loop is not held up by it.
+        let (proc, stats) = tokio::join!(h.show_proc_within(POLL_TIMEOUT), h.show_stat_within(POLL_TIMEOUT));
         match &proc {
             Ok(p) => {
                 self.workers_seen = p.workers.iter().chain(&p.old_workers).map(|w| w.pid).collect();
