@@ -207,6 +207,73 @@ async fn every_metric_in_contrib_is_exported() {
     );
 }
 
+/// The sample value of the series `series` (exact text before the value)
+/// in an exposition, summed over every series that starts with it.
+fn sum_of(exposition: &str, series: &str) -> f64 {
+    exposition
+        .lines()
+        .filter(|l| l.starts_with(series))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum()
+}
+
+/// Every master down: HAProxy sends connections to the fail-open twins,
+/// and counts their failures there. They are the master's failures all the
+/// same, and the dashboard's panel must not go blank in a total outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_errors_in_fail_open_are_counted() {
+    let mut env = Env::new(LabOptions::default()).await;
+    env.start_agent().await;
+    env.wait_all_up().await;
+    for server in &env.lab.servers {
+        server.crash();
+    }
+    env.wait_status(Duration::from_secs(20), "every master DOWN", |s| {
+        s.masters.iter().all(|m| m.state == "DOWN")
+    })
+    .await;
+    let addr = env.agent().metrics_addr();
+    // Counts from before the checks took the masters out are not what
+    // this is about: wait until a poll saw the twins, then start from there.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = http_get(addr, "/metrics").await.1;
+    let (errors, redispatches) = (
+        sum_of(&before, "apilb_master_connection_errors_total{"),
+        sum_of(&before, "apilb_master_redispatches_total{"),
+    );
+    for _ in 0..5 {
+        assert!(served_by(&env).await.is_err(), "every master is down");
+    }
+    let mut last = String::new();
+    let counted = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            last = http_get(addr, "/metrics").await.1;
+            if sum_of(&last, "apilb_master_connection_errors_total{") >= errors + 5.0
+                && sum_of(&last, "apilb_master_redispatches_total{") > redispatches
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(
+        counted.is_ok(),
+        "5 failed connections in fail-open: errors {errors} → {}, redispatches {redispatches} → {}\n\
+         HAProxy: {:?}",
+        sum_of(&last, "apilb_master_connection_errors_total{"),
+        sum_of(&last, "apilb_master_redispatches_total{"),
+        haproxy_servers(&env)
+            .await
+            .iter()
+            .map(|s| format!(
+                "{} econ={} wretr={} wredis={}",
+                s.name, s.connect_errors, s.retries, s.redispatches
+            ))
+            .collect::<Vec<_>>()
+    );
+}
+
 /// Sends SIGCONT to a process when dropped, so a failing test does not
 /// leave it stopped.
 struct Continue(u32);

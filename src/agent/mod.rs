@@ -632,6 +632,7 @@ impl Agent {
                 return;
             }
         };
+        self.capture_counters().await;
         let Some(haproxy) = &self.haproxy else {
             // HAProxy is down and being restarted: the next start uses the
             // new config.

@@ -351,15 +351,16 @@ impl Haproxy {
         show_proc_at(&self.paths.master_socket(), limit).await
     }
 
-    /// `show stat` on the worker's stats socket.
+    /// `show info` and `show stat` on the worker's stats socket: the
+    /// servers and the pid of the worker that counted them.
     pub async fn show_stat(&self) -> Result<Stats, SupervisorError> {
         self.show_stat_within(cli::DEFAULT_TIMEOUT).await
     }
 
     /// [`Haproxy::show_stat`], failing after `limit`.
     pub async fn show_stat_within(&self, limit: Duration) -> Result<Stats, SupervisorError> {
-        let text = cli::command(&self.paths.stats_socket(), "show stat", limit).await?;
-        Ok(stat::parse_show_stat(&text)?)
+        let text = cli::command(&self.paths.stats_socket(), stat::INFO_AND_STAT, limit).await?;
+        Ok(stat::parse_info_and_stat(&text)?)
     }
 
     /// A runtime API command on the worker's stats socket.
