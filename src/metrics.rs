@@ -52,6 +52,11 @@ pub struct Metrics {
     pub haproxy_up: IntGauge,
     /// Reload attempts by result.
     pub haproxy_reloads_total: IntCounterVec,
+    /// 1 for the reason while the configuration file describes a change
+    /// that is not in effect (refused); 0 for every reason once it is.
+    /// The reload counter moves once per distinct error, so it cannot say
+    /// that a refusal lasts, nor when it ended.
+    pub config_not_applied: IntGaugeVec,
     /// Times apilb restarted a dead HAProxy.
     pub haproxy_restarts_total: IntCounter,
     /// HAProxy workers, current and old (draining after a reload).
@@ -88,6 +93,11 @@ pub struct Metrics {
     /// restart at 0 in each new worker) into monotonic ones.
     last_raw: Mutex<RawCounts>,
 }
+
+/// The reasons a configuration file can be left unapplied, as
+/// `apilb_config_not_applied{reason}` and
+/// `apilb_haproxy_reloads_total{result}` name them.
+pub const NOT_APPLIED_REASONS: [&str; 3] = ["invalid_config", "refused", "failed"];
 
 /// The raw per-server counts of the last poll, and whose they were.
 #[derive(Debug, Default)]
@@ -218,6 +228,15 @@ impl Metrics {
                 "apilb_haproxy_reloads_total",
                 "Configuration reloads by result: success, invalid_config (refused before HAProxy saw it), refused (HAProxy refused it), failed.",
                 &["result"],
+            ),
+            config_not_applied: gauge_vec(
+                &r,
+                "apilb_config_not_applied",
+                "1 for the reason while the configuration file (apilb.yaml or a file it names) \
+                 describes a change that is not in effect: invalid_config (the file is invalid, or \
+                 changes a key that only a restart applies), refused (HAProxy refused the config), \
+                 failed (a step of the reload failed). 0 for every reason while the file is in effect.",
+                &["reason"],
             ),
             haproxy_restarts_total: register(
                 &r,
@@ -354,6 +373,14 @@ impl Metrics {
         }
     }
 
+    /// Says which configuration change is not applied, and why (one of
+    /// [`NOT_APPLIED_REASONS`]); `None` once the file is in effect.
+    pub fn set_not_applied(&self, reason: Option<&str>) {
+        for r in NOT_APPLIED_REASONS {
+            self.config_not_applied.with_label_values(&[r]).set(i64::from(Some(r) == reason));
+        }
+    }
+
     /// Adds the counts HAProxy's `server` (a master's checked server or
     /// its fail-open twin) gained since the last poll to the master's
     /// monotonic counters. `worker` is the pid of the worker that counted
@@ -465,5 +492,18 @@ mod tests {
         m.forget_master("m1", None);
         m.observe_counters(Some(11), "m1", "m1", counts(1, 0, 0));
         assert_eq!(value(&m, "apilb_master_connection_errors_total{"), "1");
+    }
+
+    #[test]
+    fn one_reason_at_a_time_for_a_change_not_applied() {
+        let m = Metrics::new();
+        m.set_not_applied(None);
+        assert_eq!(value(&m, "apilb_config_not_applied{"), "0,0,0");
+        m.set_not_applied(Some("refused"));
+        let text = m.encode();
+        assert!(text.contains("apilb_config_not_applied{reason=\"refused\"} 1"), "{text}");
+        assert!(text.contains("apilb_config_not_applied{reason=\"invalid_config\"} 0"), "{text}");
+        m.set_not_applied(None);
+        assert_eq!(value(&m, "apilb_config_not_applied{"), "0,0,0");
     }
 }

@@ -325,3 +325,35 @@ async fn a_frozen_haproxy_is_seen_down_at_the_next_poll() {
     env.wait_status(Duration::from_secs(10), "HAProxy up again", |s| s.haproxy.running).await;
     eprintln!("a frozen HAProxy was seen down after {took:?}; 3 status updates took {three:?} meanwhile");
 }
+
+/// A refused configuration stays visible in the metrics for as long as it
+/// lasts (the reload counter moves once per distinct error), and the
+/// gauge goes back to 0 as soon as the file is fixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lasting_refusal_stays_visible_until_fixed() {
+    let mut env = Env::new(LabOptions::default()).await;
+    env.start_agent().await;
+    env.wait_all_up().await;
+    let addr = env.agent().metrics_addr();
+    let good = std::fs::read_to_string(env.lab.config_path()).unwrap();
+    let metrics = http_get(addr, "/metrics").await.1;
+    for reason in ["invalid_config", "refused", "failed"] {
+        assert!(metrics.contains(&format!("apilb_config_not_applied{{reason=\"{reason}\"}} 0")), "{metrics}");
+    }
+    env.lab.write_config(&good.replace("masters:\n", "masters:\n  - 10.0.0.9\n")).unwrap();
+    let set = "apilb_config_not_applied{reason=\"invalid_config\"} 1";
+    eventually(Duration::from_secs(10), "the refusal in the metrics", || async {
+        http_get(addr, "/metrics").await.1.contains(set)
+    })
+    .await;
+    // Still there seconds later, while the counter counted it once.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let metrics = http_get(addr, "/metrics").await.1;
+    assert!(metrics.contains(set), "{metrics}");
+    assert!(metrics.contains("apilb_haproxy_reloads_total{result=\"invalid_config\"} 1"), "{metrics}");
+    env.lab.write_config(&good).unwrap();
+    eventually(Duration::from_secs(10), "the refusal cleared", || async {
+        sum_of(&http_get(addr, "/metrics").await.1, "apilb_config_not_applied{") == 0.0
+    })
+    .await;
+}
