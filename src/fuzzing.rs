@@ -243,6 +243,9 @@ pub fn haproxy_reply(data: &[u8]) {
             let _ = s.state();
         }
     }
+    if let Ok(stats) = stat::parse_info_and_stat(&text) {
+        let _ = (stats.worker_pid, stats.servers.len());
+    }
     if let Ok(proc) = stat::parse_show_proc(&text) {
         let _ = proc.workers.len() + proc.old_workers.len();
     }

@@ -52,6 +52,11 @@ pub struct Metrics {
     pub haproxy_up: IntGauge,
     /// Reload attempts by result.
     pub haproxy_reloads_total: IntCounterVec,
+    /// 1 for the reason while the configuration file describes a change
+    /// that is not in effect (refused); 0 for every reason once it is.
+    /// The reload counter moves once per distinct error, so it cannot say
+    /// that a refusal lasts, nor when it ended.
+    pub config_not_applied: IntGaugeVec,
     /// Times apilb restarted a dead HAProxy.
     pub haproxy_restarts_total: IntCounter,
     /// HAProxy workers, current and old (draining after a reload).
@@ -84,10 +89,25 @@ pub struct Metrics {
     /// Masters added or removed, by how: at run time (no reload) or by a
     /// reload.
     pub master_changes_total: IntCounterVec,
-    /// Last raw values of HAProxy's per-server counters, by (master,
-    /// counter), to turn them (they restart at 0 in each new worker) into
-    /// monotonic ones.
-    last_raw: Mutex<HashMap<(String, &'static str), u64>>,
+    /// HAProxy's per-server counters as last read, to turn them (they
+    /// restart at 0 in each new worker) into monotonic ones.
+    last_raw: Mutex<RawCounts>,
+}
+
+/// The reasons a configuration file can be left unapplied, as
+/// `apilb_config_not_applied{reason}` and
+/// `apilb_haproxy_reloads_total{result}` name them.
+pub const NOT_APPLIED_REASONS: [&str; 3] = ["invalid_config", "refused", "failed"];
+
+/// The raw per-server counts of the last poll, and whose they were.
+#[derive(Debug, Default)]
+struct RawCounts {
+    /// The worker that counted them: counts of another worker (after a
+    /// reload or a restart) start from zero and are added whole.
+    worker: Option<u32>,
+    /// By (master, HAProxy server, counter): the checked server and its
+    /// fail-open twin are counted separately and added to one master.
+    values: HashMap<(String, String, &'static str), u64>,
 }
 
 /// HAProxy's per-server counters of one poll.
@@ -209,6 +229,15 @@ impl Metrics {
                 "Configuration reloads by result: success, invalid_config (refused before HAProxy saw it), refused (HAProxy refused it), failed.",
                 &["result"],
             ),
+            config_not_applied: gauge_vec(
+                &r,
+                "apilb_config_not_applied",
+                "1 for the reason while the configuration file (apilb.yaml or a file it names) \
+                 describes a change that is not in effect: invalid_config (the file is invalid, or \
+                 changes a key that only a restart applies), refused (HAProxy refused the config), \
+                 failed (a step of the reload failed). 0 for every reason while the file is in effect.",
+                &["reason"],
+            ),
             haproxy_restarts_total: register(
                 &r,
                 IntCounter::new(
@@ -293,7 +322,7 @@ impl Metrics {
                  reload.",
                 &["method"],
             ),
-            last_raw: Mutex::new(HashMap::new()),
+            last_raw: Mutex::new(RawCounts::default()),
             registry: r,
         };
         #[cfg(target_os = "linux")]
@@ -344,17 +373,32 @@ impl Metrics {
         }
     }
 
-    /// Adds HAProxy's per-server counts to the monotonic counters. HAProxy
-    /// counts per worker, so after a reload a raw value smaller than the
-    /// last one is a fresh count, added whole.
-    pub fn observe_counters(&self, master: &str, raw: ServerCounters) {
+    /// Says which configuration change is not applied, and why (one of
+    /// [`NOT_APPLIED_REASONS`]); `None` once the file is in effect.
+    pub fn set_not_applied(&self, reason: Option<&str>) {
+        for r in NOT_APPLIED_REASONS {
+            self.config_not_applied.with_label_values(&[r]).set(i64::from(Some(r) == reason));
+        }
+    }
+
+    /// Adds the counts HAProxy's `server` (a master's checked server or
+    /// its fail-open twin) gained since the last poll to the master's
+    /// monotonic counters. `worker` is the pid of the worker that counted
+    /// them: HAProxy counts per worker, so the counts of a new one (after a
+    /// reload or a restart) are added whole. Without a pid, a raw value
+    /// smaller than the last one is taken for a fresh count too.
+    pub fn observe_counters(&self, worker: Option<u32>, master: &str, server: &str, raw: ServerCounters) {
         let mut last = self.last_raw.lock().unwrap_or_else(|e| e.into_inner());
+        if worker.is_some() && worker != last.worker {
+            last.values.clear();
+            last.worker = worker;
+        }
         for (name, value, counter) in [
             ("econ", raw.errors, &self.master_connection_errors_total),
             ("wretr", raw.retries, &self.master_retries_total),
             ("wredis", raw.redispatches, &self.master_redispatches_total),
         ] {
-            let prev = last.insert((master.to_owned(), name), value).unwrap_or(0);
+            let prev = last.values.insert((master.to_owned(), server.to_owned(), name), value).unwrap_or(0);
             let delta = if value >= prev { value - prev } else { value };
             counter.with_label_values(&[master]).inc_by(delta);
         }
@@ -389,12 +433,77 @@ impl Metrics {
         }
         let _ = self.master_check_duration_seconds.remove_label_values(&[master]);
         let _ = self.master_last_transition_timestamp_seconds.remove_label_values(&[master]);
-        self.last_raw.lock().unwrap_or_else(|e| e.into_inner()).retain(|(m, _), _| m != master);
+        self.last_raw.lock().unwrap_or_else(|e| e.into_inner()).values.retain(|(m, _, _), _| m != master);
     }
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(m: &Metrics, name: &str) -> String {
+        m.encode()
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .map(|l| l.rsplit_once(' ').map_or("", |(_, v)| v).to_owned())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn counts(errors: u64, retries: u64, redispatches: u64) -> ServerCounters {
+        ServerCounters { errors, retries, redispatches }
+    }
+
+    /// Every master down: HAProxy counts on the fail-open twins, and the
+    /// master's counters include them.
+    #[test]
+    fn counts_the_fail_open_twin_under_its_master() {
+        let m = Metrics::new();
+        m.init_master("m1");
+        m.observe_counters(Some(10), "m1", "m1", counts(2, 1, 1));
+        m.observe_counters(Some(10), "m1", "m1:fallback", counts(0, 0, 0));
+        m.observe_counters(Some(10), "m1", "m1", counts(2, 1, 1));
+        m.observe_counters(Some(10), "m1", "m1:fallback", counts(5, 3, 4));
+        assert_eq!(value(&m, "apilb_master_connection_errors_total{"), "7");
+        assert_eq!(value(&m, "apilb_master_retries_total{"), "4");
+        assert_eq!(value(&m, "apilb_master_redispatches_total{"), "5");
+    }
+
+    /// A reload: the new worker counts from zero. Its counts are added
+    /// whole even when they already exceed the old worker's last ones.
+    #[test]
+    fn a_new_worker_counts_from_zero() {
+        let m = Metrics::new();
+        m.observe_counters(Some(10), "m1", "m1", counts(3, 0, 0));
+        m.observe_counters(Some(11), "m1", "m1", counts(5, 0, 0));
+        assert_eq!(value(&m, "apilb_master_connection_errors_total{"), "8");
+        m.observe_counters(Some(11), "m1", "m1", counts(6, 0, 0));
+        assert_eq!(value(&m, "apilb_master_connection_errors_total{"), "9");
+        // Without a pid: a smaller value is a fresh count.
+        m.observe_counters(None, "m1", "m1", counts(2, 0, 0));
+        assert_eq!(value(&m, "apilb_master_connection_errors_total{"), "11");
+        // A master removed and added again starts from zero.
+        m.forget_master("m1", None);
+        m.observe_counters(Some(11), "m1", "m1", counts(1, 0, 0));
+        assert_eq!(value(&m, "apilb_master_connection_errors_total{"), "1");
+    }
+
+    #[test]
+    fn one_reason_at_a_time_for_a_change_not_applied() {
+        let m = Metrics::new();
+        m.set_not_applied(None);
+        assert_eq!(value(&m, "apilb_config_not_applied{"), "0,0,0");
+        m.set_not_applied(Some("refused"));
+        let text = m.encode();
+        assert!(text.contains("apilb_config_not_applied{reason=\"refused\"} 1"), "{text}");
+        assert!(text.contains("apilb_config_not_applied{reason=\"invalid_config\"} 0"), "{text}");
+        m.set_not_applied(None);
+        assert_eq!(value(&m, "apilb_config_not_applied{"), "0,0,0");
     }
 }

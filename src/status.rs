@@ -138,7 +138,8 @@ pub struct MasterStatus {
     pub sessions: u64,
     /// Current connections through its fail-open twin.
     pub fallback_sessions: u64,
-    /// Connection errors.
+    /// Connection errors counted by the worker that serves, on the checked
+    /// server and its fail-open twin.
     pub connect_errors: u64,
 }
 

@@ -206,3 +206,154 @@ async fn every_metric_in_contrib_is_exported() {
         missing.join("\n  ")
     );
 }
+
+/// The sample value of the series `series` (exact text before the value)
+/// in an exposition, summed over every series that starts with it.
+fn sum_of(exposition: &str, series: &str) -> f64 {
+    exposition
+        .lines()
+        .filter(|l| l.starts_with(series))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum()
+}
+
+/// Every master down: HAProxy sends connections to the fail-open twins,
+/// and counts their failures there. They are the master's failures all the
+/// same, and the dashboard's panel must not go blank in a total outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_errors_in_fail_open_are_counted() {
+    let mut env = Env::new(LabOptions::default()).await;
+    env.start_agent().await;
+    env.wait_all_up().await;
+    for server in &env.lab.servers {
+        server.crash();
+    }
+    env.wait_status(Duration::from_secs(20), "every master DOWN", |s| {
+        s.masters.iter().all(|m| m.state == "DOWN")
+    })
+    .await;
+    let addr = env.agent().metrics_addr();
+    // Counts from before the checks took the masters out are not what
+    // this is about: wait until a poll saw the twins, then start from there.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = http_get(addr, "/metrics").await.1;
+    let (errors, redispatches) = (
+        sum_of(&before, "apilb_master_connection_errors_total{"),
+        sum_of(&before, "apilb_master_redispatches_total{"),
+    );
+    for _ in 0..5 {
+        assert!(served_by(&env).await.is_err(), "every master is down");
+    }
+    let mut last = String::new();
+    let counted = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            last = http_get(addr, "/metrics").await.1;
+            if sum_of(&last, "apilb_master_connection_errors_total{") >= errors + 5.0
+                && sum_of(&last, "apilb_master_redispatches_total{") > redispatches
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(
+        counted.is_ok(),
+        "5 failed connections in fail-open: errors {errors} → {}, redispatches {redispatches} → {}\n\
+         HAProxy: {:?}",
+        sum_of(&last, "apilb_master_connection_errors_total{"),
+        sum_of(&last, "apilb_master_redispatches_total{"),
+        haproxy_servers(&env)
+            .await
+            .iter()
+            .map(|s| format!(
+                "{} econ={} wretr={} wredis={}",
+                s.name, s.connect_errors, s.retries, s.redispatches
+            ))
+            .collect::<Vec<_>>()
+    );
+}
+
+/// Sends SIGCONT to a process when dropped, so a failing test does not
+/// leave it stopped.
+struct Continue(u32);
+
+impl Drop for Continue {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0 as i32),
+            nix::sys::signal::Signal::SIGCONT,
+        );
+    }
+}
+
+fn signal(pid: u32, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).unwrap();
+}
+
+/// A frozen HAProxy master (SIGSTOP) answers nothing: the agent's poll
+/// must say so at the next check interval, not after the 5 s limit of
+/// other commands, and without holding the agent up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_haproxy_is_seen_down_at_the_next_poll() {
+    let mut env = Env::new(LabOptions::default()).await;
+    env.start_agent().await;
+    env.wait_all_up().await;
+    let pid = env.haproxy_pid().unwrap();
+    let _resume = Continue(pid);
+    signal(pid, nix::sys::signal::Signal::SIGSTOP);
+    let frozen = tokio::time::Instant::now();
+    env.wait_status(Duration::from_secs(15), "HAProxy seen down", |s| !s.haproxy.running).await;
+    let took = frozen.elapsed();
+    let metrics = http_get(env.agent().metrics_addr(), "/metrics").await.1;
+    assert!(metrics.contains("\napilb_haproxy_up 0\n"), "{metrics}");
+    // One check interval (1 s) plus the poll's limit (0.5 s); before, the
+    // poll waited 5 s.
+    assert!(took < Duration::from_secs(3), "HAProxy seen down {took:?} after it froze");
+    // The next polls do not take seconds either: the status keeps coming.
+    let mut status = env.agent().status();
+    status.borrow_and_update();
+    let started = tokio::time::Instant::now();
+    for _ in 0..3 {
+        tokio::time::timeout(Duration::from_secs(3), status.changed())
+            .await
+            .expect("a status update within 3 s while HAProxy is frozen")
+            .unwrap();
+    }
+    let three = started.elapsed();
+    signal(pid, nix::sys::signal::Signal::SIGCONT);
+    env.wait_status(Duration::from_secs(10), "HAProxy up again", |s| s.haproxy.running).await;
+    eprintln!("a frozen HAProxy was seen down after {took:?}; 3 status updates took {three:?} meanwhile");
+}
+
+/// A refused configuration stays visible in the metrics for as long as it
+/// lasts (the reload counter moves once per distinct error), and the
+/// gauge goes back to 0 as soon as the file is fixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lasting_refusal_stays_visible_until_fixed() {
+    let mut env = Env::new(LabOptions::default()).await;
+    env.start_agent().await;
+    env.wait_all_up().await;
+    let addr = env.agent().metrics_addr();
+    let good = std::fs::read_to_string(env.lab.config_path()).unwrap();
+    let metrics = http_get(addr, "/metrics").await.1;
+    for reason in ["invalid_config", "refused", "failed"] {
+        assert!(metrics.contains(&format!("apilb_config_not_applied{{reason=\"{reason}\"}} 0")), "{metrics}");
+    }
+    env.lab.write_config(&good.replace("masters:\n", "masters:\n  - 10.0.0.9\n")).unwrap();
+    let set = "apilb_config_not_applied{reason=\"invalid_config\"} 1";
+    eventually(Duration::from_secs(10), "the refusal in the metrics", || async {
+        http_get(addr, "/metrics").await.1.contains(set)
+    })
+    .await;
+    // Still there seconds later, while the counter counted it once.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let metrics = http_get(addr, "/metrics").await.1;
+    assert!(metrics.contains(set), "{metrics}");
+    assert!(metrics.contains("apilb_haproxy_reloads_total{result=\"invalid_config\"} 1"), "{metrics}");
+    env.lab.write_config(&good).unwrap();
+    eventually(Duration::from_secs(10), "the refusal cleared", || async {
+        sum_of(&http_get(addr, "/metrics").await.1, "apilb_config_not_applied{") == 0.0
+    })
+    .await;
+}

@@ -306,6 +306,7 @@ pub async fn start(opts: Options) -> Result<Handle, AgentError> {
     for result in ["success", "invalid_config", "refused", "failed"] {
         metrics.haproxy_reloads_total.with_label_values(&[result]);
     }
+    metrics.set_not_applied(None);
     for method in ["runtime", "reload"] {
         metrics.master_changes_total.with_label_values(&[method]);
     }
@@ -628,6 +629,7 @@ impl Agent {
                 return;
             }
         };
+        self.capture_counters().await;
         let Some(haproxy) = &self.haproxy else {
             // HAProxy is down and being restarted: the next start uses the
             // new config.
@@ -783,9 +785,12 @@ impl Agent {
     fn clear_error(&mut self) {
         self.last_error = None;
         self.status.config.pending_error = None;
+        self.metrics.set_not_applied(None);
     }
 
-    /// Reports a refused change once per distinct error.
+    /// Reports a refused change: logged and counted once per distinct
+    /// error; `apilb_config_not_applied` and the status say it lasts until
+    /// the file is applied or back to the config in effect.
     fn refuse(&mut self, result: &str, message: String, always: bool) {
         if !always && self.last_error.as_deref() == Some(&message) {
             return;
@@ -796,6 +801,7 @@ impl Agent {
             "configuration change not applied; HAProxy keeps the config in effect: {message}"
         );
         self.metrics.haproxy_reloads_total.with_label_values(&[result]).inc();
+        self.metrics.set_not_applied(Some(result));
         self.status.config.last_reload =
             Some(ReloadRecord { at: unix_now(), result: result.into(), message: Some(message.clone()) });
         self.status.config.pending_error = Some(message.clone());

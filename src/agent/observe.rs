@@ -2,7 +2,8 @@
 //! status, metrics and logged transitions.
 
 use super::{Agent, unix_now};
-use crate::haproxy::stat::Stats;
+use crate::haproxy::cli::POLL_TIMEOUT;
+use crate::haproxy::stat::{ServerStat, Stats};
 use crate::metrics::ServerCounters;
 use crate::render::FALLBACK_SUFFIX;
 use crate::status::MasterStatus;
@@ -15,7 +16,9 @@ impl Agent {
             self.publish();
             return;
         };
-        let (proc, stats) = tokio::join!(h.show_proc(), h.show_stat());
+        // Short limits: a frozen HAProxy shows as down at this poll, and
+        // the agent's loop is not held up by it.
+        let (proc, stats) = tokio::join!(h.show_proc_within(POLL_TIMEOUT), h.show_stat_within(POLL_TIMEOUT));
         match &proc {
             Ok(p) => {
                 self.workers_seen = p.workers.iter().chain(&p.old_workers).map(|w| w.pid).collect();
@@ -70,6 +73,16 @@ impl Agent {
         self.publish();
     }
 
+    /// Reads the serving worker's servers once more just before a reload
+    /// replaces it: the new worker counts from zero, so what the old one
+    /// counted since the last poll would otherwise be lost.
+    pub(super) async fn capture_counters(&mut self) {
+        let Some(h) = &self.haproxy else { return };
+        if let Ok(stats) = h.show_stat_within(POLL_TIMEOUT).await {
+            self.observe(&stats);
+        }
+    }
+
     /// Configured masters that are DOWN and still hold sessions.
     fn down_with_sessions(&self, stats: &Stats) -> Vec<String> {
         let config = &self.applied.loaded.config;
@@ -92,7 +105,8 @@ impl Agent {
         for m in &config.masters {
             let row = stats.servers.iter().find(|s| s.backend == crate::render::BACKEND && s.name == m.name);
             let fallback_name = format!("{}{FALLBACK_SUFFIX}", m.name);
-            let twin = stats.servers.iter().find(|s| s.name == fallback_name);
+            let twin =
+                stats.servers.iter().find(|s| s.backend == crate::render::BACKEND && s.name == fallback_name);
             let mut ms = MasterStatus {
                 name: m.name.clone(),
                 address: m.address.to_string(),
@@ -105,6 +119,11 @@ impl Agent {
                 .master_fallback_sessions
                 .with_label_values(&[&m.name])
                 .set(ms.fallback_sessions as i64);
+            // HAProxy counts a connection that fails in fail-open on the
+            // twin: it is the master's all the same.
+            for server in row.into_iter().chain(twin) {
+                self.metrics.observe_counters(stats.worker_pid, &m.name, &server.name, counters(server));
+            }
             if let Some(row) = row {
                 let state = row.state();
                 ms.state = state.as_str().into();
@@ -115,7 +134,7 @@ impl Agent {
                 ms.check_duration_ms = row.check_duration_ms;
                 ms.since_change_s = row.last_change_s;
                 ms.sessions = row.sessions;
-                ms.connect_errors = row.connect_errors;
+                ms.connect_errors = row.connect_errors + twin.map_or(0, |t| t.connect_errors);
 
                 let name = m.name.as_str();
                 self.metrics.set_state(name, Some(state));
@@ -130,14 +149,6 @@ impl Agent {
                     .with_label_values(&[name])
                     .set(row.check_duration_ms.unwrap_or(0) as f64 / 1000.0);
                 self.metrics.master_sessions.with_label_values(&[name]).set(row.sessions as i64);
-                self.metrics.observe_counters(
-                    name,
-                    ServerCounters {
-                        errors: row.connect_errors,
-                        retries: row.retries,
-                        redispatches: row.redispatches,
-                    },
-                );
                 if let Some(s) = row.last_change_s {
                     self.metrics
                         .master_last_transition_timestamp_seconds
@@ -196,4 +207,9 @@ impl Agent {
         let healthy = self.status.healthy();
         self.metrics.masters_healthy.set(healthy as i64);
     }
+}
+
+/// HAProxy's counters of one server row.
+fn counters(row: &ServerStat) -> ServerCounters {
+    ServerCounters { errors: row.connect_errors, retries: row.retries, redispatches: row.redispatches }
 }

@@ -17,6 +17,15 @@ use tokio::time::{Instant, sleep, timeout_at};
 /// How long one command may take, connection retries included.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long the agent's periodic poll (`show proc`, `show stat`) waits for
+/// an answer. HAProxy answers these in a millisecond or two, even busy
+/// (the master does no proxying; a worker answers between events), so a
+/// longer silence means a frozen or dead process: it is reported at the
+/// next poll instead of [`DEFAULT_TIMEOUT`] later, and the agent's loop,
+/// which waits for the poll, is never held for seconds. Adoption and
+/// reload confirmation keep their own, longer limits.
+pub const POLL_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// Failures of a socket command.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {

@@ -250,6 +250,28 @@ pub struct Stats {
     pub servers: Vec<ServerStat>,
     /// Frontend rows.
     pub frontends: Vec<FrontendStat>,
+    /// The pid of the worker that answered (`show info`'s `Pid:`), when
+    /// asked: HAProxy counts per worker, from zero in each new one, so
+    /// the counters are only comparable between answers of one worker.
+    pub worker_pid: Option<u32>,
+}
+
+/// The command whose answer [`parse_info_and_stat`] reads: both answers
+/// come from the same worker, on one connection.
+pub const INFO_AND_STAT: &str = "show info;show stat";
+
+/// Parses the answer to [`INFO_AND_STAT`]: `show info`'s `Name: value`
+/// lines, an empty line, then `show stat`'s CSV. The result carries the
+/// answering worker's pid.
+pub fn parse_info_and_stat(text: &str) -> Result<Stats, ParseError> {
+    let (info, csv) = match text.find("# pxname,") {
+        Some(at) => text.split_at(at),
+        None => (text, ""),
+    };
+    let mut stats = parse_show_stat(csv)?;
+    stats.worker_pid =
+        info.lines().find_map(|l| l.trim().strip_prefix("Pid:")).and_then(|p| p.trim().parse::<u32>().ok());
+    Ok(stats)
 }
 
 /// Parses `show stat` CSV (header line `# pxname,svname,…`).
@@ -409,5 +431,22 @@ mod tests {
         assert_eq!((m1.check_code, m1.check_duration_ms, m1.last_change_s), (Some(200), Some(3), Some(42)));
         assert!(s.servers[2].backup);
         assert!(parse_show_stat("").is_err());
+        assert_eq!(s.worker_pid, None);
+    }
+
+    /// As HAProxy 2.6.12 answered `show info;show stat` (shortened).
+    #[test]
+    fn parses_show_info_and_stat_of_one_worker() {
+        let text = "Name: HAProxy\nVersion: 2.6.12-1+deb12u4\nRelease_date: 2026/10/17\nNbthread: 2\n\
+            Nbproc: 1\nProcess_num: 1\nPid: 29154\nUptime: 0d 0h00m00s\n\n\
+            # pxname,svname,scur,stot,econ,wretr,wredis,status,bck,type,\n\
+            masters,m1,0,0,4,2,1,UP,0,2,\n\
+            masters,m1:fallback,0,0,3,1,1,no check,1,2,\n\n";
+        let s = parse_info_and_stat(text).unwrap();
+        assert_eq!(s.worker_pid, Some(29154));
+        assert_eq!(s.servers.len(), 2);
+        assert_eq!((s.servers[1].connect_errors, s.servers[1].retries), (3, 1));
+        assert!(parse_info_and_stat("Name: HAProxy\nPid: 1\n\n").is_err());
+        assert!(parse_info_and_stat("Unknown command.\n").is_err());
     }
 }

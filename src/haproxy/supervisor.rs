@@ -344,13 +344,26 @@ impl Haproxy {
 
     /// `show proc` on the master CLI.
     pub async fn show_proc(&self) -> Result<ProcInfo, SupervisorError> {
-        show_proc_at(&self.paths.master_socket(), cli::DEFAULT_TIMEOUT).await
+        self.show_proc_within(cli::DEFAULT_TIMEOUT).await
     }
 
-    /// `show stat` on the worker's stats socket.
+    /// `show proc` on the master CLI, failing after `limit` (the agent's
+    /// poll uses [`cli::POLL_TIMEOUT`]: a frozen master must show as down
+    /// at once, and must not hold up the agent's loop).
+    pub async fn show_proc_within(&self, limit: Duration) -> Result<ProcInfo, SupervisorError> {
+        show_proc_at(&self.paths.master_socket(), limit).await
+    }
+
+    /// `show info` and `show stat` on the worker's stats socket: the
+    /// servers and the pid of the worker that counted them.
     pub async fn show_stat(&self) -> Result<Stats, SupervisorError> {
-        let text = cli::command(&self.paths.stats_socket(), "show stat", cli::DEFAULT_TIMEOUT).await?;
-        Ok(stat::parse_show_stat(&text)?)
+        self.show_stat_within(cli::DEFAULT_TIMEOUT).await
+    }
+
+    /// [`Haproxy::show_stat`], failing after `limit`.
+    pub async fn show_stat_within(&self, limit: Duration) -> Result<Stats, SupervisorError> {
+        let text = cli::command(&self.paths.stats_socket(), stat::INFO_AND_STAT, limit).await?;
+        Ok(stat::parse_info_and_stat(&text)?)
     }
 
     /// A runtime API command on the worker's stats socket.
