@@ -8,12 +8,13 @@
 #   switch.sh to-apilb PORT MASK_HAPROXY START_HAPROXY_ON_FAILURE
 #   switch.sh to-haproxy PORT START_HAPROXY
 #
-# to-apilb: masks haproxy.service (when MASK_HAPROXY is yes) so nothing
-# starts it again, stops it (its HAProxy closes the port at once: a hard
-# stop, so its connections are cut) and starts apilb.service, which returns
-# once apilb's HAProxy accepts connections (Type=notify). If apilb does not
-# start, it puts haproxy.service back (unmasked; started when
-# START_HAPROXY_ON_FAILURE is yes), says why and exits 3.
+# to-apilb: stops haproxy.service (its HAProxy closes the port at once: a
+# hard stop, so its connections are cut), starts apilb.service, which
+# returns once apilb's HAProxy accepts connections (Type=notify), then masks
+# haproxy.service (when MASK_HAPROXY is yes) so nothing starts it again. If
+# apilb does not start, it starts haproxy.service again (when
+# START_HAPROXY_ON_FAILURE is yes; unmasked if it was masked), says why and
+# exits 3.
 #
 # to-haproxy: unmasks haproxy.service, stops apilb (its HAProxy closes the
 # port at once; then a second SIGTERM makes the agent stop HAProxy now
@@ -101,31 +102,41 @@ case "${1:-}" in
         old=no
         if exists haproxy.service; then
             old=yes
-            [ "$mask" = yes ] && systemctl mask haproxy.service 2>/dev/null
             systemctl stop haproxy.service
         fi
         if systemctl start apilb.service; then
+            # Masked once apilb serves: the daemon-reload a mask implies is
+            # then outside the window in which the port refuses connections.
+            if [ "$old" = yes ] && [ "$mask" = yes ]; then
+                systemctl mask haproxy.service 2>/dev/null
+            fi
             log "apilb serves port $port"
             exit 0
         fi
-        log "apilb did not start: $(systemctl show --property=Result --value apilb.service);" \
-            "journalctl -u apilb:"
-        journalctl -u apilb.service --since "@$since" -n 15 --no-pager -o cat >&2 || true
+        result=$(systemctl show --property=Result --value apilb.service)
+        # The old service first, the diagnosis after: every step here is
+        # time in which the port refuses connections.
         stop_apilb "$port"
         wait_port "$port" no 10 || log "WARNING: port $port still listens after apilb stopped"
         if [ "$old" = yes ]; then
-            systemctl unmask haproxy.service >/dev/null 2>&1 || true
+            if [ "$(systemctl show --property=LoadState --value haproxy.service)" = masked ]; then
+                systemctl unmask haproxy.service >/dev/null 2>&1 || true
+            fi
             if [ "$restart_old" = yes ]; then
                 systemctl start haproxy.service
                 wait_port "$port" yes 10 || log "WARNING: haproxy.service started but port $port does not listen"
                 log "rolled back: haproxy.service serves port $port again"
             fi
         fi
+        log "apilb did not start ($result); journalctl -u apilb:"
+        journalctl -u apilb.service --since "@$since" -n 15 --no-pager -o cat >&2 || true
         exit 3
         ;;
     to-haproxy)
         port=$2 start_old=$3
-        if exists haproxy.service; then
+        # Before the stop: the daemon-reload an unmask implies stays out of
+        # the window in which the port refuses connections.
+        if [ "$(systemctl show --property=LoadState --value haproxy.service)" = masked ]; then
             systemctl unmask haproxy.service >/dev/null 2>&1 || true
         fi
         stop_apilb "$port"
