@@ -19,11 +19,15 @@
 //! node_lab probe --lab DIR
 //!     One TLS request (GET /version, with the token) through the endpoint;
 //!     prints {"server": NAME, "ms": N}, exits 1 with the error otherwise.
-//! node_lab load --lab DIR --stop-file FILE [--clients 2] [--hold 40]
+//! node_lab load --lab DIR --stop-file FILE [--clients 2] [--hold 40] [--probe-ms N] [--pace-ms N]
 //!     Opens --hold long-lived connections, then keeps --clients clients
-//!     opening a new connection per request until FILE exists (or
+//!     opening a new connection per request (back to back, or one every
+//!     --pace-ms each) until FILE exists (or
 //!     --max-seconds), then asks every held connection once more. Prints
-//!     the counts as JSON on stdout.
+//!     the counts as JSON on stdout. With --probe-ms, also connects to the
+//!     endpoint (TCP only) every N ms and reports the windows in which it
+//!     refused connections (scripts/test-migration measures a switch
+//!     between two load balancers on the port with it).
 //! ```
 
 use std::net::SocketAddr;
@@ -34,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use apilb::lab::{Lab, LabAuth, LabOptions};
 use apilb::testapi::pool::{Pool, PoolOptions};
-use apilb::testapi::{ApiServer, Load, Session};
+use apilb::testapi::{ApiServer, Failure, Load, LoadReport, Session, Success};
 use clap::{Parser, Subcommand};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -89,6 +93,14 @@ enum Command {
         /// Stop after this long even without the stop file.
         #[arg(long, default_value_t = 300)]
         max_seconds: u64,
+        /// Also try a TCP connection to the endpoint every this many
+        /// milliseconds and report when it was refused (0: off).
+        #[arg(long, default_value_t = 0)]
+        probe_ms: u64,
+        /// Each client starts a request at most every this many
+        /// milliseconds (0: back to back, as fast as the machine allows).
+        #[arg(long, default_value_t = 0)]
+        pace_ms: u64,
     },
 }
 
@@ -208,6 +220,195 @@ struct LoadArgs {
     clients: usize,
     hold: usize,
     max: Duration,
+    probe: Option<Duration>,
+    pace: Option<Duration>,
+}
+
+/// Clients like [`Load`]'s, each starting a request at most every `pace`:
+/// a steady rate that measures a switch without taking the machine's CPU
+/// from what is measured (a 2-core machine also runs Ansible and systemd).
+struct PacedLoad {
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<LoadReport>>,
+}
+
+impl PacedLoad {
+    fn start(
+        addr: SocketAddr,
+        tls: Arc<rustls::ClientConfig>,
+        token: String,
+        clients: usize,
+        pace: Duration,
+    ) -> PacedLoad {
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let tasks = (0..clients)
+            .map(|_| {
+                let (tls, token, mut rx) = (tls.clone(), token.clone(), rx.clone());
+                tokio::spawn(async move {
+                    let mut report = LoadReport::default();
+                    let mut ticks = tokio::time::interval(pace);
+                    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    loop {
+                        tokio::select! {
+                            _ = ticks.tick() => {}
+                            _ = rx.changed() => break,
+                        }
+                        let started = Instant::now();
+                        let outcome = tokio::time::timeout(Duration::from_secs(30), async {
+                            let mut s = Session::connect(addr, tls.clone(), Some(&token)).await?;
+                            s.served_by().await
+                        })
+                        .await
+                        .unwrap_or_else(|_| Err("no answer within 30s".into()));
+                        match outcome {
+                            Ok(server) => {
+                                report.ok += 1;
+                                *report.by_server.entry(server.clone()).or_default() += 1;
+                                report.successes.push(Success { started, took: started.elapsed(), server });
+                            }
+                            Err(error) => {
+                                report.failed += 1;
+                                if report.errors.len() < 20 {
+                                    report.errors.push(format!("{error} (after {:?})", started.elapsed()));
+                                }
+                                if report.failures.len() < 1000 {
+                                    report.failures.push(Failure { started, ended: Instant::now(), error });
+                                }
+                            }
+                        }
+                    }
+                    report
+                })
+            })
+            .collect();
+        PacedLoad { stop, tasks }
+    }
+
+    async fn stop(self) -> LoadReport {
+        let _ = self.stop.send(true);
+        let mut total = LoadReport::default();
+        for t in self.tasks {
+            if let Ok(r) = t.await {
+                total.ok += r.ok;
+                total.failed += r.failed;
+                total.errors.extend(r.errors);
+                total.failures.extend(r.failures);
+                total.successes.extend(r.successes);
+                for (k, v) in r.by_server {
+                    *total.by_server.entry(k).or_default() += v;
+                }
+            }
+        }
+        total
+    }
+}
+
+/// Either kind of clients.
+enum Clients {
+    Fast(Load),
+    Paced(PacedLoad),
+}
+
+impl Clients {
+    async fn stop(self) -> LoadReport {
+        match self {
+            Clients::Fast(l) => l.stop().await,
+            Clients::Paced(l) => l.stop().await,
+        }
+    }
+}
+
+/// A run of consecutive connection attempts to the endpoint that failed.
+#[derive(Serialize)]
+struct Outage {
+    /// When the first failed attempt started (seconds since the load began).
+    from_s: f64,
+    /// From the first failed attempt to the next accepted one (or to the
+    /// end of the run, when `open`).
+    ms: f64,
+    /// Attempts that failed in it.
+    attempts: u64,
+    /// The first error.
+    error: String,
+    /// True when no attempt succeeded after it before the run ended.
+    open: bool,
+}
+
+/// What `--probe-ms` saw: the endpoint's refusals, attempt by attempt.
+#[derive(Serialize, Default)]
+struct EndpointReport {
+    interval_ms: u64,
+    attempts: u64,
+    accepted: u64,
+    refused: u64,
+    other_errors: u64,
+    outages: Vec<Outage>,
+    longest_ms: f64,
+}
+
+/// Connects to `addr` every `interval` until `stop` is set: a TCP
+/// handshake only (closed at once), so an outage is measured where it
+/// happens, at the port, to within one interval.
+async fn probe_endpoint(
+    addr: SocketAddr,
+    interval: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    t0: Instant,
+) -> EndpointReport {
+    let mut r = EndpointReport { interval_ms: interval.as_millis() as u64, ..EndpointReport::default() };
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut current: Option<(Instant, u64, String)> = None;
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stop.changed() => break,
+        }
+        let started = Instant::now();
+        r.attempts += 1;
+        let outcome =
+            match tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr)).await {
+                Ok(Ok(_stream)) => Ok(()),
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    r.refused += 1;
+                    Err(format!("connect: {e}"))
+                }
+                Ok(Err(e)) => {
+                    r.other_errors += 1;
+                    Err(format!("connect: {e}"))
+                }
+                Err(_) => {
+                    r.other_errors += 1;
+                    Err("connect: no answer within 1s".to_owned())
+                }
+            };
+        match (outcome, current.take()) {
+            (Ok(()), None) => r.accepted += 1,
+            (Ok(()), Some((from, attempts, error))) => {
+                r.accepted += 1;
+                r.outages.push(Outage {
+                    from_s: from.duration_since(t0).as_secs_f64(),
+                    ms: started.duration_since(from).as_secs_f64() * 1000.0,
+                    attempts,
+                    error,
+                    open: false,
+                });
+            }
+            (Err(e), None) => current = Some((started, 1, e)),
+            (Err(_), Some((from, attempts, error))) => current = Some((from, attempts + 1, error)),
+        }
+    }
+    if let Some((from, attempts, error)) = current {
+        r.outages.push(Outage {
+            from_s: from.duration_since(t0).as_secs_f64(),
+            ms: from.elapsed().as_secs_f64() * 1000.0,
+            attempts,
+            error,
+            open: true,
+        });
+    }
+    r.longest_ms = r.outages.iter().map(|o| o.ms).fold(0.0, f64::max);
+    r
 }
 
 async fn load(dir: &Path, args: LoadArgs) -> Result<(), String> {
@@ -221,7 +422,14 @@ async fn load(dir: &Path, args: LoadArgs) -> Result<(), String> {
         timeout: Duration::from_secs(10),
     });
     let opened = pool.open(args.hold).await;
-    let load = Load::start(info.listen, tls, Some(info.token.clone()), args.clients);
+    let load = match args.pace {
+        Some(pace) => {
+            Clients::Paced(PacedLoad::start(info.listen, tls, info.token.clone(), args.clients, pace))
+        }
+        None => Clients::Fast(Load::start(info.listen, tls, Some(info.token.clone()), args.clients)),
+    };
+    let (probe_stop, probe_rx) = tokio::sync::watch::channel(false);
+    let prober = args.probe.map(|every| tokio::spawn(probe_endpoint(info.listen, every, probe_rx, started)));
     if let Some(f) = &args.started_file {
         write(f, "")?;
     }
@@ -234,8 +442,31 @@ async fn load(dir: &Path, args: LoadArgs) -> Result<(), String> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let _ = probe_stop.send(true);
+    let endpoint = match prober {
+        Some(task) => Some(task.await.map_err(|e| format!("the endpoint probe failed: {e}"))?),
+        None => None,
+    };
     let report = load.stop().await;
     let held = pool.probe().await;
+    // Failed requests, with their times, to tell a switch from noise.
+    let failures: Vec<_> = report
+        .failures
+        .iter()
+        .take(50)
+        .map(|f| {
+            json!({
+                "at_s": f.started.duration_since(started).as_secs_f64(),
+                "ms": f.ended.duration_since(f.started).as_secs_f64() * 1000.0,
+                "error": f.error,
+            })
+        })
+        .collect();
+    // The longest time in which no new connection succeeded (between two
+    // successful answers), what the clients felt of a switch.
+    let mut done: Vec<Instant> = report.successes.iter().map(|s| s.started + s.took).collect();
+    done.sort();
+    let without_success = done.windows(2).map(|w| w[1].duration_since(w[0])).max().unwrap_or_default();
     let out = json!({
         "seconds": started.elapsed().as_secs_f64(),
         "stopped_by": stopped_by,
@@ -244,7 +475,10 @@ async fn load(dir: &Path, args: LoadArgs) -> Result<(), String> {
             "failed": report.failed,
             "by_server": report.by_server,
             "errors": report.errors,
+            "failures": failures,
+            "longest_without_success_ms": without_success.as_secs_f64() * 1000.0,
         },
+        "endpoint": endpoint,
         "held": {
             "wanted": args.hold,
             "opened": opened.opened,
@@ -268,9 +502,11 @@ async fn main() -> ExitCode {
             masters(&out, &node_dir, n, Duration::from_secs(max_seconds)).await
         }
         Command::Probe { lab } => probe(&lab).await,
-        Command::Load { lab, stop_file, started_file, clients, hold, max_seconds } => {
+        Command::Load { lab, stop_file, started_file, clients, hold, max_seconds, probe_ms, pace_ms } => {
             let max = Duration::from_secs(max_seconds);
-            load(&lab, LoadArgs { stop_file, started_file, clients, hold, max }).await
+            let probe = (probe_ms > 0).then(|| Duration::from_millis(probe_ms));
+            let pace = (pace_ms > 0).then(|| Duration::from_millis(pace_ms));
+            load(&lab, LoadArgs { stop_file, started_file, clients, hold, max, probe, pace }).await
         }
     };
     match result {

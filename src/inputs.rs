@@ -256,12 +256,25 @@ fn read_client_cert(
     Ok(Credential::ClientCert { bundle: Secret::new(bundle), digest, cert_path: cert.to_owned() })
 }
 
+/// Added to "no such file" for the CA of an explicit mode: typically the
+/// node's own copy of the cluster CA, which k3s and RKE2 write only when the
+/// node joins (docs/migration.md).
+const CA_NOT_YET: &str = " (a node's copy of the cluster CA, such as k3s's agent/server-ca.crt, appears \
+                          only when the node joins: before that, point ca_file at a copy of the CA taken \
+                          from a server, or use health.auth.mode auto, which checks in bootstrap mode until \
+                          the CA and a credential exist)";
+
 fn resolve_check(config: &Config) -> Result<CheckAuth, InputError> {
     let tls = &config.health.tls;
     let auth = &config.health.auth;
     let explicit_verify = || -> Result<Verify, InputError> {
         match &tls.ca_file {
-            Some(ca) => read_ca("health.tls.ca_file", ca),
+            Some(ca) => read_ca("health.tls.ca_file", ca).map_err(|mut e| {
+                if !ca.exists() {
+                    e.problem.push_str(CA_NOT_YET);
+                }
+                e
+            }),
             None => Ok(Verify::Insecure),
         }
     };

@@ -275,3 +275,73 @@ fn check_mentions_missing_credential_files() {
             .contains("health.auth.token_file: /nonexistent/token: no such file")
     );
 }
+
+/// docs/migration.md, joining with `none` or `bearer`: the node's copy of
+/// the cluster CA (k3s: agent/server-ca.crt) exists only after the join. An
+/// explicit mode refuses the file until then and says what to do; `auto`
+/// with the token checks in bootstrap mode, then switches to the verified
+/// token by itself (hitless) once the CA appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bearer_node_joins_before_its_ca_exists() {
+    let mut env = Env::new(LabOptions { auth: LabAuth::Bearer, ..LabOptions::default() }).await;
+    let d = env.lab.dir.path().display().to_string();
+    let agent_dir = env.lab.path("var-lib-rancher-k3s-agent");
+    let ca = agent_dir.join("server-ca.crt");
+    let tls_line = format!("  tls: {{ca_file: {d}/ca.crt, server_name: kubernetes}}\n");
+    assert!(env.lab.config_yaml("").contains(&tls_line));
+    let with_ca_not_yet = |auth: &str| {
+        env.lab
+            .config_yaml("")
+            .replace(&tls_line, &format!("  tls: {{ca_file: {}, server_name: kubernetes}}\n", ca.display()))
+            .replace(&format!("{{mode: bearer, token_file: {d}/token}}"), auth)
+    };
+
+    // mode bearer (or none): exit 2, with the way out.
+    env.lab.write_config(&with_ca_not_yet(&format!("{{mode: bearer, token_file: {d}/token}}"))).unwrap();
+    let out = apilb().arg("check").arg("--config").arg(env.lab.config_path()).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains(&format!("health.tls.ca_file: {}: no such file", ca.display())), "{err}");
+    assert!(err.contains("appears only when the node joins"), "{err}");
+    assert!(err.contains("health.auth.mode auto"), "{err}");
+
+    // mode auto with the token: valid now, bootstrap until the CA exists.
+    env.lab
+        .write_config(&with_ca_not_yet(&format!("{{mode: auto, token_file: {d}/token, well_known: []}}")))
+        .unwrap();
+    let out = apilb().arg("check").arg("--config").arg(env.lab.config_path()).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("does not exist (yet)"), "{text}");
+    assert!(text.contains("unverified with credential bootstrap"), "{text}");
+    env.start_agent().await;
+    let s = env
+        .wait_status(Duration::from_secs(10), "UP on 401 (bootstrap)", |s| {
+            s.masters.iter().all(|m| m.state == "UP" && m.check_code == Some(401))
+        })
+        .await;
+    assert_eq!(s.check.auth, "bootstrap");
+    assert!(
+        env.lab.servers.iter().all(|srv| srv.stats().by_token.load(Ordering::SeqCst) == 0),
+        "no token sent unverified"
+    );
+
+    // The join writes the CA: verified bearer checks, without dropping a connection.
+    let load = apilb::testapi::Load::start(
+        env.lab.listen,
+        env.lab.client_tls().unwrap(),
+        Some(env.lab.token.clone()),
+        2,
+    );
+    std::fs::create_dir_all(&agent_dir).unwrap();
+    std::fs::write(&ca, env.lab.pki.ca_pem()).unwrap();
+    let s = env
+        .wait_status(Duration::from_secs(15), "verified bearer checks", |s| {
+            s.check.auth == "bearer" && s.masters.iter().all(|m| m.state == "UP" && m.check_code == Some(200))
+        })
+        .await;
+    assert!(s.check.verified);
+    let report = load.stop().await;
+    assert_eq!(report.failed, 0, "{:?}", report.errors);
+    assert!(env.lab.servers.iter().all(|srv| srv.stats().by_token.load(Ordering::SeqCst) > 0));
+}

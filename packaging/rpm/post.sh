@@ -61,7 +61,13 @@ if [ -d /run/systemd/system ]; then
     if [ "$1" -ge 2 ] && systemctl --quiet is-active "$UNIT" 2>/dev/null; then
         handover
     elif [ "$1" -eq 1 ] && [ "$ready" = yes ]; then
+        # Conflicts=haproxy.service: a running haproxy.service is stopped
+        # first (docs/migration.md).
         systemctl enable --now "$UNIT" >/dev/null 2>&1 || log "WARNING: could not start $UNIT; see journalctl -u apilb"
+        if [ "$(systemctl is-enabled haproxy.service 2>/dev/null || true)" = enabled ]; then
+            log "WARNING: haproxy.service is still enabled; starting it stops apilb. Keep it stopped with:"
+            log "  systemctl mask haproxy.service"
+        fi
     fi
 elif [ "$1" -eq 1 ] && [ "$ready" = yes ]; then
     systemctl enable "$UNIT" >/dev/null 2>&1 || true
