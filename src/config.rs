@@ -102,6 +102,32 @@ pub struct Config {
     /// Learning the masters from the cluster; off unless present.
     #[serde(default)]
     pub discovery: Discovery,
+    /// Endpoints the operator chose to serve off loopback. Binding `listen`
+    /// or `metrics.listen` to another address without naming it here is an
+    /// error: an exposure has to be meant, not a typo.
+    #[serde(default)]
+    pub expose: Vec<Exposed>,
+}
+
+/// An endpoint that may be bound off loopback.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Exposed {
+    /// `listen`: the node's endpoint for the Kubernetes API.
+    Listen,
+    /// `metrics.listen`: /metrics, /healthz and /readyz (never /status,
+    /// which only same-host clients get).
+    Metrics,
+}
+
+impl Exposed {
+    /// As written in apilb.yaml.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Exposed::Listen => "listen",
+            Exposed::Metrics => "metrics",
+        }
+    }
 }
 
 /// Where masters can be learned from.
@@ -366,6 +392,31 @@ impl Config {
         if self.metrics.listen.0 == self.listen.0 {
             return Err(("metrics.listen".into(), "is the same address as listen".into()));
         }
+        for (field, addr, exposed, why) in [
+            (
+                "listen",
+                self.listen.0,
+                Exposed::Listen,
+                "other hosts could reach the API servers through this node, with their own credentials",
+            ),
+            (
+                "metrics.listen",
+                self.metrics.listen.0,
+                Exposed::Metrics,
+                "other hosts could read the masters' addresses and states",
+            ),
+        ] {
+            if !addr.ip().is_loopback() && !self.expose.contains(&exposed) {
+                return Err((
+                    field.into(),
+                    format!(
+                        "{addr} is not a loopback address: {why}. If that is intended, say so with \
+                         `expose: [{}]`",
+                        exposed.as_str()
+                    ),
+                ));
+            }
+        }
 
         for (field, dir) in [
             ("haproxy.runtime_dir", &self.haproxy.runtime_dir),
@@ -412,14 +463,17 @@ impl Config {
             }
         }
         for (field, s) in words {
-            let bad =
-                |c: &char| c.is_control() || c.is_ascii_whitespace() || matches!(c, '#' | '"' | '\'' | '\\');
+            // ';' separates commands on HAProxy's runtime API, which
+            // `add server` passes these paths to.
+            let bad = |c: &char| {
+                c.is_control() || c.is_ascii_whitespace() || matches!(c, '#' | '"' | '\'' | '\\' | ';')
+            };
             if let Some(c) = s.chars().find(bad) {
                 return Err((
                     field,
                     format!(
-                        "{s:?} contains {c:?}; haproxy.cfg cannot hold a path with blanks, control \
-                         characters, '#', quotes or '\\'"
+                        "{s:?} contains {c:?}; haproxy.cfg and HAProxy's runtime API cannot take a path with \
+                         blanks, control characters, '#', quotes, '\\' or ';'"
                     ),
                 ));
             }
@@ -809,9 +863,12 @@ impl<'de> Deserialize<'de> for HttpPath {
             if !s.starts_with('/') {
                 return Err(format!("\"{s}\" must start with '/'"));
             }
-            if !s.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\' && b != b'#') {
+            // A URL path and query, and nothing haproxy.cfg or HAProxy's
+            // runtime API reads as syntax (quotes, '\\', '#', ';').
+            if !s.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._~%!$&()*+,=:@?-".contains(&b)) {
                 return Err(format!(
-                    "\"{s}\" may only contain printable characters without spaces, quotes, '\\' or '#'"
+                    "\"{s}\" may only contain letters, digits and /._~%!$&()*+,=:@?- (no spaces, quotes, \
+                     '\\', '#' or ';')"
                 ));
             }
             Ok(HttpPath(s.to_owned()))

@@ -20,9 +20,29 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{AuthMode, Config};
 
-/// A secret value. Its `Debug` and `Display` never print the content.
-#[derive(Clone, PartialEq, Eq)]
+/// A secret value. Its `Debug` and `Display` never print the content, and
+/// its bytes are overwritten when it is dropped, so a core dump or a read
+/// of freed memory finds fewer copies (best effort: transient copies made
+/// while formatting a value are not tracked).
+#[derive(Clone, PartialEq, Eq, Default)]
 pub struct Secret(String);
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        wipe(&mut self.0);
+    }
+}
+
+/// Overwrites a string's bytes with zeros, in a way the compiler keeps.
+pub fn wipe(s: &mut String) {
+    // SAFETY: zero bytes are valid UTF-8, and the length is unchanged.
+    let bytes = unsafe { s.as_mut_vec() };
+    for b in bytes.iter_mut() {
+        // SAFETY: `b` is a valid, aligned, exclusive reference.
+        unsafe { std::ptr::write_volatile(b, 0) };
+    }
+    std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
+}
 
 impl Secret {
     /// Wraps a secret string.
@@ -33,6 +53,20 @@ impl Secret {
     /// sent to the server it is meant for.
     pub fn expose(&self) -> &str {
         &self.0
+    }
+}
+
+#[cfg(test)]
+mod secret_tests {
+    #[test]
+    fn wipe_zeroes_the_bytes_in_place() {
+        let mut s = String::from("hunter2-token");
+        let (ptr, len) = (s.as_ptr(), s.len());
+        super::wipe(&mut s);
+        assert_eq!(s.as_ptr(), ptr);
+        // SAFETY: the string still owns this buffer.
+        assert!(unsafe { std::slice::from_raw_parts(ptr, len) }.iter().all(|b| *b == 0));
+        assert_eq!(format!("{:?}", super::Secret::new("x")), "Secret(<redacted>)");
     }
 }
 

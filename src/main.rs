@@ -236,7 +236,11 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             };
             let paths = render::Paths::from_config(&config);
             let loaded = apilb::assemble(config, inputs, &paths, features);
-            let text = if show_secrets { loaded.rendered.text.clone() } else { loaded.rendered.redacted() };
+            let text = if show_secrets {
+                loaded.rendered.text.expose().to_owned()
+            } else {
+                loaded.rendered.redacted()
+            };
             match output {
                 Some(path) => apilb::fsutil::write_atomic(&path, text.as_bytes(), 0o600)
                     .map_err(|e| (EXIT_FAILURE, format!("cannot write {}: {e}", path.display())))?,
