@@ -1117,6 +1117,12 @@ pub struct HaproxySettings {
     pub hard_stop_after: Duration,
     /// Maximum concurrent connections per HAProxy process.
     pub maxconn: u32,
+    /// The user HAProxy's workers run as, once they have loaded the config
+    /// and the check's credential (the master stays root to reload them).
+    /// A worker holds every connection of the node: as root, a flaw in it
+    /// would reach the node's credentials. Empty: workers stay root.
+    #[serde(deserialize_with = "deserialize_run_as")]
+    pub user: String,
 }
 
 impl Default for HaproxySettings {
@@ -1127,8 +1133,23 @@ impl Default for HaproxySettings {
             state_dir: "/var/lib/apilb".into(),
             hard_stop_after: Duration::from_millis(5 * 60_000),
             maxconn: 4096,
+            user: "haproxy".into(),
         }
     }
+}
+
+/// A user name for haproxy.cfg's `user`, or empty.
+fn deserialize_run_as<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    fn parse(s: &str) -> Result<String, String> {
+        let ok = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_');
+        if !s.is_empty() && !(s.bytes().all(ok) && s.as_bytes()[0] != b'-') {
+            return Err(format!(
+                "\"{s}\" is not a user name (lowercase letters, digits, '-' and '_'); \"\" keeps the workers as root"
+            ));
+        }
+        Ok(s.to_owned())
+    }
+    de_str(d, parse, "a user name")
 }
 
 /// A duration written with a unit: `500ms`, `2s`, `30m`, `1h`, `1m30s`.

@@ -206,7 +206,7 @@ fn model_inputs_with(config: &Config, (token, password): (&str, &str)) -> Inputs
         }
     };
     let stats_password = config.stats.as_ref().and_then(|s| s.auth.as_ref()).map(|_| Secret::new(password));
-    Inputs { check, stats_password }
+    Inputs { check, stats_password, run_as: None }
 }
 
 /// `config` with every path and free-text name replaced by a plain word.

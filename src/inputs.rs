@@ -178,6 +178,18 @@ pub struct Inputs {
     pub check: CheckAuth,
     /// The stats password, when `stats.auth` is configured.
     pub stats_password: Option<Secret>,
+    /// Who HAProxy's workers run as (`haproxy.user`, looked up), when
+    /// they can drop root.
+    pub run_as: Option<RunAs>,
+}
+
+/// A user and group for HAProxy's workers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunAs {
+    /// The user's name.
+    pub user: String,
+    /// The name of its primary group.
+    pub group: String,
 }
 
 impl Inputs {
@@ -187,8 +199,36 @@ impl Inputs {
             Some(auth) => Some(read_password(&auth.password_file)?),
             None => None,
         };
-        Ok(Inputs { check: resolve_check(config)?, stats_password })
+        Ok(Inputs { check: resolve_check(config)?, stats_password, run_as: run_as(&config.haproxy.user)? })
     }
+}
+
+/// Looks `haproxy.user` up. Only root can drop to another user, so an agent
+/// that does not run as root (a developer's, the tests without root) keeps
+/// HAProxy as it is.
+fn run_as(user: &str) -> Result<Option<RunAs>, InputError> {
+    if user.is_empty() || !nix::unistd::geteuid().is_root() {
+        return Ok(None);
+    }
+    let missing =
+        |problem: String| InputError { field: "haproxy.user".into(), path: "/etc/passwd".into(), problem };
+    let found =
+        nix::unistd::User::from_name(user).map_err(|e| missing(format!("cannot look up {user:?}: {e}")))?;
+    let Some(u) = found else {
+        return Err(missing(format!(
+            "no user {user:?} (the haproxy package creates it; or set haproxy.user: \"\" to keep HAProxy's workers \
+             as root)"
+        )));
+    };
+    if u.uid.is_root() {
+        return Ok(None);
+    }
+    let group = nix::unistd::Group::from_gid(u.gid)
+        .ok()
+        .flatten()
+        .map(|g| g.name)
+        .ok_or_else(|| missing(format!("the primary group of {user:?} (gid {}) has no name", u.gid)))?;
+    Ok(Some(RunAs { user: u.name, group }))
 }
 
 fn io_err(field: &str, path: &Path, e: std::io::Error) -> InputError {

@@ -276,7 +276,19 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
     }
 }
 
+/// The agent holds the node's credential: no core dump of it, and no
+/// reading of its memory by another process of the same user (ptrace,
+/// /proc/PID/mem). systemd's LimitCORE=0 covers HAProxy too.
+fn forbid_core_dumps() {
+    // SAFETY: prctl(PR_SET_DUMPABLE, 0) only changes this process's flag.
+    let rc = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    if rc != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot mark the agent non-dumpable");
+    }
+}
+
 async fn run(options: agent::Options) -> Result<(), Failure> {
+    forbid_core_dumps();
     // Registered before anything starts, so a signal during start-up (or
     // right after READY=1) is handled, not fatal.
     let (Ok(mut hup), Ok(mut term), Ok(mut int), Ok(mut usr2)) = (
@@ -490,4 +502,14 @@ fn check_discovery_kubeconfig(config: &apilb::config::Config) -> Result<Option<S
     apilb::discovery::kubeconfig::load(&path)
         .map_err(|e| (EXIT_CONFIG, format!("discovery.kubernetes.kubeconfig: {e}")))?;
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_agent_is_not_dumpable() {
+        super::forbid_core_dumps();
+        // SAFETY: reads this process's flag.
+        assert_eq!(unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) }, 0);
+    }
 }

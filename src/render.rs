@@ -298,6 +298,7 @@ struct HaproxyCfg {
     servers: Vec<ServerLine>,
     resolvers: bool,
     stats: Option<StatsSection>,
+    run_as: Option<crate::inputs::RunAs>,
 }
 
 /// Quotes a value for haproxy.cfg: single quotes keep everything literal
@@ -414,6 +415,7 @@ pub fn render(config: &Config, inputs: &Inputs, paths: &Paths, features: Feature
         servers,
         resolvers: config.masters.iter().any(|m| m.address.is_dns()),
         stats,
+        run_as: inputs.run_as.clone(),
     };
     // The template only interpolates strings; it cannot fail at run time.
     let mut text = cfg.render().unwrap_or_else(|e| format!("# template error: {e}\n"));
@@ -470,6 +472,7 @@ mod tests {
                 notes: Vec::new(),
             },
             stats_password: None,
+            run_as: None,
         };
         let rendered = render(&config, &inputs, &Paths::from_config(&config), Features::default());
         assert!(rendered.text.expose().contains("hdr Authorization 'Bearer abc%%def'\\''ghijklmnop'"));
@@ -495,6 +498,7 @@ mod tests {
                     notes: Vec::new(),
                 },
                 stats_password: None,
+                run_as: None,
             };
             render(&config, &inputs, &Paths::from_config(&config), Features::default())
         };

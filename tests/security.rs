@@ -55,3 +55,43 @@ async fn a_thousand_idle_connections_starve_neither_the_endpoint_nor_the_agent()
     agent.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(agent.wait_exit(Duration::from_secs(10)).is_some_and(|e| e.success()));
 }
+
+/// The uid a process runs as (the real one, from /proc).
+fn uid_of(pid: u32) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn haproxy_workers_drop_root_and_the_master_keeps_it() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: only root can drop to another user");
+        return;
+    }
+    let haproxy =
+        nix::unistd::User::from_name("haproxy").unwrap().expect("the haproxy user (Debian's package)");
+    let mut env = Env::new(LabOptions::default()).await;
+    env.start_agent().await;
+    let s = env.wait_all_up().await;
+    let master = s.haproxy.master_pid.unwrap();
+    assert_eq!(uid_of(master), 0, "the master reloads as root");
+    for w in &s.haproxy.workers {
+        assert_eq!(uid_of(*w), haproxy.uid.as_raw(), "worker {w} runs as root");
+    }
+    // The runtime API and a reload still work.
+    env.lab.write_config(&env.lab.config_yaml("timeouts:\n  connect: 3100ms\n")).unwrap();
+    env.agent().send(apilb::agent::Control::Reload).await;
+    let before = s.haproxy.workers.clone();
+    let s = env
+        .wait_status(Duration::from_secs(10), "reloaded, new worker seen", |s| {
+            s.config.last_reload.as_ref().is_some_and(|r| r.result == "success")
+                && !s.haproxy.workers.is_empty()
+                && s.haproxy.workers != before
+        })
+        .await;
+    for w in &s.haproxy.workers {
+        assert_eq!(uid_of(*w), haproxy.uid.as_raw());
+    }
+    assert!(served_by(&env).await.is_ok());
+}

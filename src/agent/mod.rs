@@ -34,7 +34,7 @@ use crate::discovery::{self, persist};
 use crate::fsutil;
 use crate::haproxy::output::Output;
 use crate::haproxy::stat::ServerState;
-use crate::haproxy::supervisor::{Haproxy, ReloadError, SupervisorError, alive};
+use crate::haproxy::supervisor::{Haproxy, ReloadError, SupervisorError, alive, signal_if_ours};
 use crate::haproxy::{Binary, BinaryError, Version};
 use crate::http::{self, HttpState};
 use crate::inputs::{Secret, Verify};
@@ -851,17 +851,18 @@ impl Agent {
         self.respawn_at = None;
         self.respawn_attempt += 1;
         // The dead master's workers exit within milliseconds; wait for
-        // them so the new master can bind the port.
+        // them so the new master can bind the port. The pids are from the
+        // last poll: only processes that still run our HAProxy count, and
+        // only those are signalled.
+        let ours = |pid: &u32| alive(*pid) && crate::haproxy::supervisor::is_ours(*pid, &self.paths);
         let deadline = Instant::now() + Duration::from_secs(1);
-        while self.workers_seen.iter().any(|p| alive(*p)) && Instant::now() < deadline {
+        while self.workers_seen.iter().any(ours) && Instant::now() < deadline {
             sleep(Duration::from_millis(5)).await;
         }
-        for pid in self.workers_seen.drain(..).filter(|p| alive(*p)) {
-            tracing::warn!(pid, "terminating a worker orphaned by the dead master");
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
+        for pid in std::mem::take(&mut self.workers_seen) {
+            if signal_if_ours(pid, &self.paths, nix::sys::signal::Signal::SIGTERM) {
+                tracing::warn!(pid, "terminated a worker orphaned by the dead master");
+            }
         }
         match Haproxy::spawn(&self.binary, &self.version, &self.paths, &self.output).await {
             Ok(h) => {
