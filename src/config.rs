@@ -1142,7 +1142,8 @@ impl Default for HaproxySettings {
 fn deserialize_run_as<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     fn parse(s: &str) -> Result<String, String> {
         let ok = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_');
-        if !s.is_empty() && !(s.bytes().all(ok) && s.as_bytes()[0] != b'-') {
+        let valid = s.bytes().all(ok) && !s.starts_with('-');
+        if !valid {
             return Err(format!(
                 "\"{s}\" is not a user name (lowercase letters, digits, '-' and '_'); \"\" keeps the workers as root"
             ));
