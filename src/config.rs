@@ -155,9 +155,20 @@ pub struct KubernetesDiscovery {
     #[serde(default)]
     pub via: Via,
     /// Addresses outside these networks are refused (e.g. the masters'
-    /// subnet). Empty: any address.
+    /// subnet). Empty: any address but loopback, link-local, unspecified
+    /// and multicast ones, which are refused unless a network listed here
+    /// lies inside their range (e.g. `127.0.0.0/8` for a lab on one host).
     #[serde(default)]
     pub allowed_cidrs: Vec<Cidr>,
+    /// The most masters a discovered set may hold; a larger one is refused
+    /// as a whole and the masters in use stay. Every node checks every
+    /// master, so a forged list of hundreds would multiply the checks.
+    #[serde(default = "default_max_masters")]
+    pub max_masters: usize,
+}
+
+fn default_max_masters() -> usize {
+    16
 }
 
 /// The kubeconfigs tried, in order, when `discovery.kubernetes.kubeconfig`
@@ -374,6 +385,14 @@ impl Config {
             ));
         }
 
+        if let Some(k) = &self.discovery.kubernetes
+            && !(1..=256).contains(&k.max_masters)
+        {
+            return Err((
+                "discovery.kubernetes.max_masters".into(),
+                format!("{} is out of range 1..=256", k.max_masters),
+            ));
+        }
         if let Some(stats) = &self.stats {
             if !stats.listen.0.ip().is_loopback() && stats.auth.is_none() {
                 return Err((

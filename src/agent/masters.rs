@@ -124,6 +124,8 @@ impl Agent {
                     tracing::warn!("discovery refused addresses the API listed: {}", refused.join("; "));
                 }
                 status.refused = refused;
+                status.rejected = None;
+                self.metrics.discovery_rejected.set(0);
                 self.last_discovery_problem = None;
                 if self.sources.discovered.is_none() {
                     tracing::info!(
@@ -146,6 +148,11 @@ impl Agent {
                 status.last_error = Some(why.clone());
                 self.metrics.discovery_watch_restarts_total.inc();
                 tracing::warn!("discovery watch restarted: {why}");
+            }
+            discovery::Update::Rejected(why) => {
+                tracing::warn!("discovery: {why}");
+                status.rejected = Some(why);
+                self.metrics.discovery_rejected.set(1);
             }
             discovery::Update::Failing(why) => {
                 status.last_error = Some(why.clone());
