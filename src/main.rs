@@ -499,8 +499,15 @@ fn check_discovery_kubeconfig(config: &apilb::config::Config) -> Result<Option<S
             path.display()
         )));
     }
-    apilb::discovery::kubeconfig::load(&path)
+    let access = apilb::discovery::kubeconfig::load(&path)
         .map_err(|e| (EXIT_CONFIG, format!("discovery.kubernetes.kubeconfig: {e}")))?;
+    if access.insecure {
+        return Ok(Some(format!(
+            "discovery.kubernetes.kubeconfig {} says insecure-skip-tls-verify: discovery will not verify the API \
+             server's certificate",
+            path.display()
+        )));
+    }
     Ok(None)
 }
 

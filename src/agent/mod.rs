@@ -304,6 +304,14 @@ pub async fn start(opts: Options) -> Result<Handle, AgentError> {
     for dir in [&paths.runtime_dir, &paths.state_dir] {
         fsutil::ensure_private_dir(dir).map_err(|source| AgentError::Files { path: dir.clone(), source })?;
     }
+    for (what, addr) in [("listen", config.listen.0), ("metrics.listen", config.metrics.listen.0)] {
+        if !addr.ip().is_loopback() {
+            tracing::warn!(
+                %addr,
+                "{what} is served off loopback, to whoever can reach this address (expose in apilb.yaml)"
+            );
+        }
+    }
     let metrics_listener = TcpListener::bind(config.metrics.listen.0)
         .await
         .map_err(|source| AgentError::Bind { addr: config.metrics.listen.0, source })?;

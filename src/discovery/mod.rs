@@ -678,6 +678,13 @@ impl Client {
             return Err(format!("kubeconfig {} does not exist (yet)", path.display()));
         }
         let access = kubeconfig::load(&path).map_err(|e| e.to_string())?;
+        if access.insecure {
+            tracing::warn!(
+                kubeconfig = %path.display(),
+                "the kubeconfig says insecure-skip-tls-verify: discovery does not verify the API server's \
+                 certificate, so whoever answers in its place can choose the masters (within discovery's rules)"
+            );
+        }
         let (connect, name) = match opts.settings.via {
             Via::Local => {
                 (opts.local, access.tls_server_name.clone().unwrap_or_else(|| opts.server_name.clone()))
@@ -723,7 +730,8 @@ impl Client {
     }
 }
 
-async fn read_all(mut body: Incoming, limit: usize) -> Result<Vec<u8>, String> {
+/// Reads a body of at most `limit` bytes.
+pub(crate) async fn read_all(mut body: Incoming, limit: usize) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| e.to_string())?;
