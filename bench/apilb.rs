@@ -73,7 +73,10 @@ fn bench_render() {
         let start = Instant::now();
         let mut bytes = 0;
         for _ in 0..iterations {
-            bytes = std::hint::black_box(render(&config, &inputs, &paths, Features::default())).text.len();
+            bytes = std::hint::black_box(render(&config, &inputs, &paths, Features::default()))
+                .text
+                .expose()
+                .len();
         }
         let per = start.elapsed() / iterations as u32;
         println!("  {n:>5} masters: {per:>10.1?} per render ({bytes} bytes)");

@@ -102,6 +102,32 @@ pub struct Config {
     /// Learning the masters from the cluster; off unless present.
     #[serde(default)]
     pub discovery: Discovery,
+    /// Endpoints the operator chose to serve off loopback. Binding `listen`
+    /// or `metrics.listen` to another address without naming it here is an
+    /// error: an exposure has to be meant, not a typo.
+    #[serde(default)]
+    pub expose: Vec<Exposed>,
+}
+
+/// An endpoint that may be bound off loopback.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Exposed {
+    /// `listen`: the node's endpoint for the Kubernetes API.
+    Listen,
+    /// `metrics.listen`: /metrics, /healthz and /readyz (never /status,
+    /// which only same-host clients get).
+    Metrics,
+}
+
+impl Exposed {
+    /// As written in apilb.yaml.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Exposed::Listen => "listen",
+            Exposed::Metrics => "metrics",
+        }
+    }
 }
 
 /// Where masters can be learned from.
@@ -129,9 +155,20 @@ pub struct KubernetesDiscovery {
     #[serde(default)]
     pub via: Via,
     /// Addresses outside these networks are refused (e.g. the masters'
-    /// subnet). Empty: any address.
+    /// subnet). Empty: any address but loopback, link-local, unspecified
+    /// and multicast ones, which are refused unless a network listed here
+    /// lies inside their range (e.g. `127.0.0.0/8` for a lab on one host).
     #[serde(default)]
     pub allowed_cidrs: Vec<Cidr>,
+    /// The most masters a discovered set may hold; a larger one is refused
+    /// as a whole and the masters in use stay. Every node checks every
+    /// master, so a forged list of hundreds would multiply the checks.
+    #[serde(default = "default_max_masters")]
+    pub max_masters: usize,
+}
+
+fn default_max_masters() -> usize {
+    16
 }
 
 /// The kubeconfigs tried, in order, when `discovery.kubernetes.kubeconfig`
@@ -348,6 +385,14 @@ impl Config {
             ));
         }
 
+        if let Some(k) = &self.discovery.kubernetes
+            && !(1..=256).contains(&k.max_masters)
+        {
+            return Err((
+                "discovery.kubernetes.max_masters".into(),
+                format!("{} is out of range 1..=256", k.max_masters),
+            ));
+        }
         if let Some(stats) = &self.stats {
             if !stats.listen.0.ip().is_loopback() && stats.auth.is_none() {
                 return Err((
@@ -365,6 +410,31 @@ impl Config {
         }
         if self.metrics.listen.0 == self.listen.0 {
             return Err(("metrics.listen".into(), "is the same address as listen".into()));
+        }
+        for (field, addr, exposed, why) in [
+            (
+                "listen",
+                self.listen.0,
+                Exposed::Listen,
+                "other hosts could reach the API servers through this node, with their own credentials",
+            ),
+            (
+                "metrics.listen",
+                self.metrics.listen.0,
+                Exposed::Metrics,
+                "other hosts could read the masters' addresses and states",
+            ),
+        ] {
+            if !addr.ip().is_loopback() && !self.expose.contains(&exposed) {
+                return Err((
+                    field.into(),
+                    format!(
+                        "{addr} is not a loopback address: {why}. If that is intended, say so with \
+                         `expose: [{}]`",
+                        exposed.as_str()
+                    ),
+                ));
+            }
         }
 
         for (field, dir) in [
@@ -412,14 +482,17 @@ impl Config {
             }
         }
         for (field, s) in words {
-            let bad =
-                |c: &char| c.is_control() || c.is_ascii_whitespace() || matches!(c, '#' | '"' | '\'' | '\\');
+            // ';' separates commands on HAProxy's runtime API, which
+            // `add server` passes these paths to.
+            let bad = |c: &char| {
+                c.is_control() || c.is_ascii_whitespace() || matches!(c, '#' | '"' | '\'' | '\\' | ';')
+            };
             if let Some(c) = s.chars().find(bad) {
                 return Err((
                     field,
                     format!(
-                        "{s:?} contains {c:?}; haproxy.cfg cannot hold a path with blanks, control \
-                         characters, '#', quotes or '\\'"
+                        "{s:?} contains {c:?}; haproxy.cfg and HAProxy's runtime API cannot take a path with \
+                         blanks, control characters, '#', quotes, '\\' or ';'"
                     ),
                 ));
             }
@@ -809,9 +882,12 @@ impl<'de> Deserialize<'de> for HttpPath {
             if !s.starts_with('/') {
                 return Err(format!("\"{s}\" must start with '/'"));
             }
-            if !s.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\' && b != b'#') {
+            // A URL path and query, and nothing haproxy.cfg or HAProxy's
+            // runtime API reads as syntax (quotes, '\\', '#', ';').
+            if !s.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._~%!$&()*+,=:@?-".contains(&b)) {
                 return Err(format!(
-                    "\"{s}\" may only contain printable characters without spaces, quotes, '\\' or '#'"
+                    "\"{s}\" may only contain letters, digits and /._~%!$&()*+,=:@?- (no spaces, quotes, \
+                     '\\', '#' or ';')"
                 ));
             }
             Ok(HttpPath(s.to_owned()))
@@ -1060,6 +1136,12 @@ pub struct HaproxySettings {
     pub hard_stop_after: Duration,
     /// Maximum concurrent connections per HAProxy process.
     pub maxconn: u32,
+    /// The user HAProxy's workers run as, once they have loaded the config
+    /// and the check's credential (the master stays root to reload them).
+    /// A worker holds every connection of the node: as root, a flaw in it
+    /// would reach the node's credentials. Empty: workers stay root.
+    #[serde(deserialize_with = "deserialize_run_as")]
+    pub user: String,
 }
 
 impl Default for HaproxySettings {
@@ -1070,8 +1152,24 @@ impl Default for HaproxySettings {
             state_dir: "/var/lib/apilb".into(),
             hard_stop_after: Duration::from_millis(5 * 60_000),
             maxconn: 4096,
+            user: "haproxy".into(),
         }
     }
+}
+
+/// A user name for haproxy.cfg's `user`, or empty.
+fn deserialize_run_as<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    fn parse(s: &str) -> Result<String, String> {
+        let ok = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_');
+        let valid = s.bytes().all(ok) && !s.starts_with('-');
+        if !valid {
+            return Err(format!(
+                "\"{s}\" is not a user name (lowercase letters, digits, '-' and '_'); \"\" keeps the workers as root"
+            ));
+        }
+        Ok(s.to_owned())
+    }
+    de_str(d, parse, "a user name")
 }
 
 /// A duration written with a unit: `500ms`, `2s`, `30m`, `1h`, `1m30s`.

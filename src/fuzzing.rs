@@ -55,7 +55,7 @@ pub fn config(data: &[u8]) {
     let rendered = render::render(&config, &inputs, &paths, render::Features::default());
     let again = render::render(&config, &inputs, &paths, render::Features::default());
     assert_eq!(rendered, again, "render is not deterministic");
-    let text = &rendered.text;
+    let text = rendered.text.expose();
     if let Some(c) = text.chars().find(|c| c.is_control() && *c != '\n') {
         panic!("haproxy.cfg holds the control character {c:?}:\n{text}");
     }
@@ -97,7 +97,7 @@ pub fn config(data: &[u8]) {
     };
     assert_eq!(
         shape(text),
-        shape(&plain_rendered.text),
+        shape(plain_rendered.text.expose()),
         "a value of the config changes the structure of haproxy.cfg:\n{text}"
     );
     // Redaction removes every part of the secrets: with other secrets of
@@ -206,7 +206,7 @@ fn model_inputs_with(config: &Config, (token, password): (&str, &str)) -> Inputs
         }
     };
     let stats_password = config.stats.as_ref().and_then(|s| s.auth.as_ref()).map(|_| Secret::new(password));
-    Inputs { check, stats_password }
+    Inputs { check, stats_password, run_as: None }
 }
 
 /// `config` with every path and free-text name replaced by a plain word.
@@ -309,6 +309,61 @@ pub fn discovery(data: &[u8]) {
     }
 }
 
+/// A watch stream as the network delivers it (untrusted): the first byte
+/// seeds how the rest is cut into chunks, as TCP and TLS records would cut
+/// it; each chunk is fed to discovery's line splitter, and each line it
+/// yields to the event parser. Checks that no line ever exceeds the bound,
+/// that lines come back exactly as sent (a chunking changes nothing), that
+/// an over-long line is refused, and that the kept objects stay the API
+/// servers' own.
+pub fn discovery_stream(data: &[u8]) {
+    const MAX: usize = 64;
+    let Some((&seed, stream)) = data.split_first() else { return };
+    let mut splitter = discovery::LineSplitter::new(MAX);
+    let mut lines = Vec::new();
+    let mut refused = false;
+    let mut at = 0;
+    let mut step = u64::from(seed) | 1;
+    while at < stream.len() {
+        step = step.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let len = 1 + (step >> 59) as usize;
+        let chunk = &stream[at..(at + len).min(stream.len())];
+        at += chunk.len();
+        if splitter.push(chunk).is_err() {
+            refused = true;
+            break;
+        }
+        while let Some(line) = splitter.next_line() {
+            lines.push(line);
+        }
+    }
+    if !refused {
+        lines.extend(splitter.finish());
+    }
+    for line in &lines {
+        let body = line.strip_suffix(b"\n").unwrap_or(line);
+        assert!(body.len() <= MAX, "a line of {} bytes passed a bound of {MAX}", body.len());
+        assert!(!body.contains(&b'\n'));
+    }
+    // Unchunked, the same stream gives the same lines (or is refused too).
+    // A blank line over the bound is refused too: the bound is on memory,
+    // and whitespace takes as much as anything else.
+    let all: Vec<&[u8]> = stream.split_inclusive(|b| *b == b'\n').collect();
+    let too_long = all.iter().any(|l| l.strip_suffix(b"\n").unwrap_or(l).len() > MAX);
+    let expected: Vec<&[u8]> = all.into_iter().filter(|l| !l.iter().all(u8::is_ascii_whitespace)).collect();
+    assert_eq!(refused, too_long, "refusal does not match the longest line");
+    if !refused {
+        assert_eq!(lines.iter().map(Vec::as_slice).collect::<Vec<_>>(), expected);
+    }
+    let (mut rv, mut objects) = (String::new(), BTreeMap::new());
+    for line in &lines {
+        if discovery::apply_event(line, Api::EndpointSlices, &mut rv, &mut objects).is_err() {
+            break;
+        }
+        assert!(objects.keys().all(|k| k == discovery::OWN_OBJECT), "kept a foreign object");
+    }
+}
+
 /// Checks what discovery would report for `objects`, and what the policy
 /// and the persisted file make of it.
 fn check_discovered(objects: &BTreeMap<String, serde_json::Value>) {
@@ -316,6 +371,30 @@ fn check_discovered(objects: &BTreeMap<String, serde_json::Value>) {
     for api in [Api::EndpointSlices, Api::Endpoints] {
         for cidrs in [&[][..], &allowed[..]] {
             let (found, _refused) = discovery::ready_addresses(objects.values(), api, cidrs);
+            // The set discovery would use breaks no rule.
+            let settings = crate::config::KubernetesDiscovery {
+                kubeconfig: None,
+                via: crate::config::Via::Local,
+                allowed_cidrs: cidrs.to_vec(),
+                max_masters: 4,
+            };
+            if let discovery::Decision::Use { addresses, .. } =
+                discovery::decide(objects.values(), api, &settings)
+            {
+                assert!(!addresses.is_empty() && addresses.len() <= 4, "{addresses:?}");
+                for a in &addresses {
+                    if let crate::config::Host::Ip(ip) = a.host {
+                        let ip = ip.to_canonical();
+                        assert!(
+                            !(ip.is_loopback() || ip.is_unspecified() || ip.is_multicast()),
+                            "discovery would use {a}"
+                        );
+                        if let std::net::IpAddr::V4(v4) = ip {
+                            assert!(!v4.is_link_local() && !v4.is_broadcast(), "discovery would use {a}");
+                        }
+                    }
+                }
+            }
             assert!(found.windows(2).all(|w| (w[0].host_str(), w[0].port) < (w[1].host_str(), w[1].port)));
             for a in &found {
                 assert!(a.port != 0);

@@ -6,7 +6,10 @@
 //!   master is UP; otherwise 503 with the reason.
 //! - `/status`: the [`Status`] as JSON, read by `apilb status`.
 //!
-//! Nothing served here is secret.
+//! Nothing served here is secret. `/status` (pids, paths, the config's
+//! hash) goes only to clients on this host, when `metrics.listen` is
+//! exposed to the network (`expose: [metrics]`). The endpoint holds a
+//! bounded number of connections ([`MAX_CONNECTIONS`]).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -84,11 +87,67 @@ fn route(state: &HttpState, req: &Request<hyper::body::Incoming>) -> Response<Fu
     }
 }
 
+/// At most this many connections are open at once. A connection beyond it
+/// evicts the oldest one that has not sent its request yet; when every one
+/// is busy answering, the newcomer is closed. Idle clients (slowloris, a
+/// flood of open sockets) can therefore neither take the agent's file
+/// descriptors nor keep a real request out.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// How long a connection may take to send its request headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long one connection may last, answer included.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The open connections: by accept order, whether each has sent its
+/// request, and how to close it.
+#[derive(Default)]
+struct Connections {
+    /// id → (request received, closer).
+    open: std::collections::BTreeMap<
+        u64,
+        (Arc<std::sync::atomic::AtomicBool>, tokio::sync::oneshot::Sender<()>),
+    >,
+    /// The next id.
+    next: u64,
+}
+
+impl Connections {
+    /// Makes room for one more connection; returns its id and its busy
+    /// flag and closer, or `None` when every open connection is busy.
+    fn admit(
+        &mut self,
+    ) -> Option<(u64, Arc<std::sync::atomic::AtomicBool>, tokio::sync::oneshot::Receiver<()>)> {
+        if self.open.len() >= MAX_CONNECTIONS {
+            let idle =
+                self.open.iter().find(|(_, (busy, _))| !busy.load(Ordering::Relaxed)).map(|(id, _)| *id)?;
+            if let Some((_, close)) = self.open.remove(&idle) {
+                let _ = close.send(());
+            }
+        }
+        let id = self.next;
+        self.next += 1;
+        let busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (close, closed) = tokio::sync::oneshot::channel();
+        self.open.insert(id, (busy.clone(), close));
+        Some((id, busy, closed))
+    }
+}
+
+/// True when the peer is on this host: loopback, or the address it
+/// connected to (a client on the node that dials the node's own address).
+fn same_host(peer: std::net::SocketAddr, local: std::net::SocketAddr) -> bool {
+    let canonical = |ip: std::net::IpAddr| ip.to_canonical();
+    canonical(peer.ip()).is_loopback() || canonical(peer.ip()) == canonical(local.ip())
+}
+
 /// Serves until `shutdown` completes.
 pub async fn serve(listener: TcpListener, state: Arc<HttpState>, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
+    let connections = Arc::new(std::sync::Mutex::new(Connections::default()));
     loop {
-        let (tcp, _) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             _ = &mut shutdown => return,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -99,17 +158,73 @@ pub async fn serve(listener: TcpListener, state: Arc<HttpState>, shutdown: impl 
                 }
             },
         };
-        let state = state.clone();
+        let Some((id, busy, closed)) = connections.lock().unwrap_or_else(|e| e.into_inner()).admit() else {
+            // Every slot answers a request: this one waits for none.
+            drop(tcp);
+            continue;
+        };
+        let local_only = tcp.local_addr().map(|local| same_host(peer, local)).unwrap_or(false);
+        let (state, connections) = (state.clone(), connections.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let resp = route(&state, &req);
+                busy.store(true, Ordering::Relaxed);
+                let resp = if req.uri().path() == "/status" && !local_only {
+                    respond(
+                        StatusCode::FORBIDDEN,
+                        "text/plain",
+                        "/status is served to this host only (run apilb status on the node); /metrics, /healthz \
+                         and /readyz are served here\n",
+                    )
+                } else {
+                    route(&state, &req)
+                };
                 async move { Ok::<_, Infallible>(resp) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(false)
                 .serve_connection(TokioIo::new(tcp), service);
-            let _ = conn.await;
+            tokio::select! {
+                _ = conn => {}
+                _ = closed => {}
+                _ = tokio::time::sleep(CONNECTION_TIMEOUT) => {}
+            }
+            connections.lock().unwrap_or_else(|e| e.into_inner()).open.remove(&id);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_house_evicts_the_oldest_idle_connection_or_refuses() {
+        let mut c = Connections::default();
+        let mut admitted: Vec<_> = (0..MAX_CONNECTIONS).map(|_| c.admit().unwrap()).collect();
+        // The third is busy answering; the first two are idle.
+        admitted[0].1.store(true, Ordering::Relaxed);
+        let (id, _, _) = c.admit().unwrap();
+        assert_eq!(id, MAX_CONNECTIONS as u64);
+        // The oldest idle one (id 1) was told to close.
+        assert!(admitted[1].2.try_recv().is_ok());
+        assert!(!c.open.contains_key(&1) && c.open.contains_key(&0));
+        for (_, busy, _) in &admitted {
+            busy.store(true, Ordering::Relaxed);
+        }
+        // Every connection busy (the newest too): the newcomer is refused.
+        c.open.values().for_each(|(b, _)| b.store(true, Ordering::Relaxed));
+        assert!(c.admit().is_none());
+        assert_eq!(c.open.len(), MAX_CONNECTIONS);
+    }
+
+    #[test]
+    fn status_is_for_this_host() {
+        let at = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        assert!(same_host(at("127.0.0.1:5000"), at("127.0.0.1:9716")));
+        assert!(same_host(at("10.0.0.5:5000"), at("10.0.0.5:9716")));
+        assert!(same_host(at("[::ffff:127.0.0.1]:5000"), at("[::]:9716")));
+        assert!(!same_host(at("10.0.0.6:5000"), at("10.0.0.5:9716")));
     }
 }

@@ -20,9 +20,29 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{AuthMode, Config};
 
-/// A secret value. Its `Debug` and `Display` never print the content.
-#[derive(Clone, PartialEq, Eq)]
+/// A secret value. Its `Debug` and `Display` never print the content, and
+/// its bytes are overwritten when it is dropped, so a core dump or a read
+/// of freed memory finds fewer copies (best effort: transient copies made
+/// while formatting a value are not tracked).
+#[derive(Clone, PartialEq, Eq, Default)]
 pub struct Secret(String);
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        wipe(&mut self.0);
+    }
+}
+
+/// Overwrites a string's bytes with zeros, in a way the compiler keeps.
+pub fn wipe(s: &mut String) {
+    // SAFETY: zero bytes are valid UTF-8, and the length is unchanged.
+    let bytes = unsafe { s.as_mut_vec() };
+    for b in bytes.iter_mut() {
+        // SAFETY: `b` is a valid, aligned, exclusive reference.
+        unsafe { std::ptr::write_volatile(b, 0) };
+    }
+    std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
+}
 
 impl Secret {
     /// Wraps a secret string.
@@ -33,6 +53,20 @@ impl Secret {
     /// sent to the server it is meant for.
     pub fn expose(&self) -> &str {
         &self.0
+    }
+}
+
+#[cfg(test)]
+mod secret_tests {
+    #[test]
+    fn wipe_zeroes_the_bytes_in_place() {
+        let mut s = String::from("hunter2-token");
+        let (ptr, len) = (s.as_ptr(), s.len());
+        super::wipe(&mut s);
+        assert_eq!(s.as_ptr(), ptr);
+        // SAFETY: the string still owns this buffer.
+        assert!(unsafe { std::slice::from_raw_parts(ptr, len) }.iter().all(|b| *b == 0));
+        assert_eq!(format!("{:?}", super::Secret::new("x")), "Secret(<redacted>)");
     }
 }
 
@@ -144,6 +178,18 @@ pub struct Inputs {
     pub check: CheckAuth,
     /// The stats password, when `stats.auth` is configured.
     pub stats_password: Option<Secret>,
+    /// Who HAProxy's workers run as (`haproxy.user`, looked up), when
+    /// they can drop root.
+    pub run_as: Option<RunAs>,
+}
+
+/// A user and group for HAProxy's workers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunAs {
+    /// The user's name.
+    pub user: String,
+    /// The name of its primary group.
+    pub group: String,
 }
 
 impl Inputs {
@@ -153,8 +199,36 @@ impl Inputs {
             Some(auth) => Some(read_password(&auth.password_file)?),
             None => None,
         };
-        Ok(Inputs { check: resolve_check(config)?, stats_password })
+        Ok(Inputs { check: resolve_check(config)?, stats_password, run_as: run_as(&config.haproxy.user)? })
     }
+}
+
+/// Looks `haproxy.user` up. Only root can drop to another user, so an agent
+/// that does not run as root (a developer's, the tests without root) keeps
+/// HAProxy as it is.
+fn run_as(user: &str) -> Result<Option<RunAs>, InputError> {
+    if user.is_empty() || !nix::unistd::geteuid().is_root() {
+        return Ok(None);
+    }
+    let missing =
+        |problem: String| InputError { field: "haproxy.user".into(), path: "/etc/passwd".into(), problem };
+    let found =
+        nix::unistd::User::from_name(user).map_err(|e| missing(format!("cannot look up {user:?}: {e}")))?;
+    let Some(u) = found else {
+        return Err(missing(format!(
+            "no user {user:?} (the haproxy package creates it; or set haproxy.user: \"\" to keep HAProxy's workers \
+             as root)"
+        )));
+    };
+    if u.uid.is_root() {
+        return Ok(None);
+    }
+    let group = nix::unistd::Group::from_gid(u.gid)
+        .ok()
+        .flatten()
+        .map(|g| g.name)
+        .ok_or_else(|| missing(format!("the primary group of {user:?} (gid {}) has no name", u.gid)))?;
+    Ok(Some(RunAs { user: u.name, group }))
 }
 
 fn io_err(field: &str, path: &Path, e: std::io::Error) -> InputError {

@@ -224,10 +224,14 @@ impl Lab {
         )
     }
 
-    /// The `discovery:` section pointing at the lab's kubeconfig.
+    /// The `discovery:` section pointing at the lab's kubeconfig. The lab's
+    /// masters are on loopback, which discovery refuses unless a network
+    /// inside 127.0.0.0/8 is allowed explicitly: it is, unless `extra`
+    /// sets `allowed_cidrs` itself.
     pub fn discovery_yaml(&self, extra: &str) -> String {
+        let allow = if extra.contains("allowed_cidrs") { "" } else { "    allowed_cidrs: [127.0.0.0/8]\n" };
         format!(
-            "discovery:\n  kubernetes:\n    kubeconfig: {}/kubeconfig\n{extra}",
+            "discovery:\n  kubernetes:\n    kubeconfig: {}/kubeconfig\n{allow}{extra}",
             self.dir.path().display()
         )
     }

@@ -22,6 +22,7 @@ pub mod masters;
 pub mod metrics;
 pub mod probe;
 pub mod render;
+pub mod sanitize;
 pub mod status;
 pub mod status_client;
 pub mod systemd;

@@ -236,7 +236,11 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             };
             let paths = render::Paths::from_config(&config);
             let loaded = apilb::assemble(config, inputs, &paths, features);
-            let text = if show_secrets { loaded.rendered.text.clone() } else { loaded.rendered.redacted() };
+            let text = if show_secrets {
+                loaded.rendered.text.expose().to_owned()
+            } else {
+                loaded.rendered.redacted()
+            };
             match output {
                 Some(path) => apilb::fsutil::write_atomic(&path, text.as_bytes(), 0o600)
                     .map_err(|e| (EXIT_FAILURE, format!("cannot write {}: {e}", path.display())))?,
@@ -272,7 +276,19 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
     }
 }
 
+/// The agent holds the node's credential: no core dump of it, and no
+/// reading of its memory by another process of the same user (ptrace,
+/// /proc/PID/mem). systemd's LimitCORE=0 covers HAProxy too.
+fn forbid_core_dumps() {
+    // SAFETY: prctl(PR_SET_DUMPABLE, 0) only changes this process's flag.
+    let rc = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    if rc != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot mark the agent non-dumpable");
+    }
+}
+
 async fn run(options: agent::Options) -> Result<(), Failure> {
+    forbid_core_dumps();
     // Registered before anything starts, so a signal during start-up (or
     // right after READY=1) is handled, not fatal.
     let (Ok(mut hup), Ok(mut term), Ok(mut int), Ok(mut usr2)) = (
@@ -483,7 +499,24 @@ fn check_discovery_kubeconfig(config: &apilb::config::Config) -> Result<Option<S
             path.display()
         )));
     }
-    apilb::discovery::kubeconfig::load(&path)
+    let access = apilb::discovery::kubeconfig::load(&path)
         .map_err(|e| (EXIT_CONFIG, format!("discovery.kubernetes.kubeconfig: {e}")))?;
+    if access.insecure {
+        return Ok(Some(format!(
+            "discovery.kubernetes.kubeconfig {} says insecure-skip-tls-verify: discovery will not verify the API \
+             server's certificate",
+            path.display()
+        )));
+    }
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_agent_is_not_dumpable() {
+        super::forbid_core_dumps();
+        // SAFETY: reads this process's flag.
+        assert_eq!(unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) }, 0);
+    }
 }

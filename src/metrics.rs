@@ -86,6 +86,9 @@ pub struct Metrics {
     pub discovery_last_success_timestamp_seconds: Gauge,
     /// Times the discovery watch had to start over.
     pub discovery_watch_restarts_total: IntCounter,
+    /// 1 while the API's answer is refused as a whole (special addresses,
+    /// over `max_masters`, no usable master): the masters in use stay.
+    pub discovery_rejected: IntGauge,
     /// Masters added or removed, by how: at run time (no reload) or by a
     /// reload.
     pub master_changes_total: IntCounterVec,
@@ -315,6 +318,11 @@ impl Metrics {
                     "apilb_discovery_watch_restarts_total",
                     "Times the discovery watch started over (expired resourceVersion, errors).",
                 ),
+            ),
+            discovery_rejected: gauge(
+                "apilb_discovery_rejected",
+                "1 while discovery refuses the API's answer as a whole (loopback or link-local masters, more \
+                 than max_masters, none usable); the masters in use stay.",
             ),
             master_changes_total: counter_vec(
                 "apilb_master_changes_total",

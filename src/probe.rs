@@ -12,7 +12,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
+
+/// The most of an answer `probe` reads: `/readyz?verbose` is a few hundred
+/// bytes.
+const PROBE_BODY_LIMIT: usize = 64 << 10;
 use hyper::Request;
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
@@ -408,7 +412,7 @@ pub async fn probe(config: &Config, inputs: &Inputs, master: &Master) -> Report 
         };
         let resp = sender.send_request(get(&h.path.0)?).await.map_err(|e| e.to_string())?;
         let status = resp.status().as_u16();
-        let _ = resp.into_body().collect().await;
+        let _ = crate::discovery::read_all(resp.into_body(), PROBE_BODY_LIMIT).await;
         let verbose = if expected_statuses(config, inputs).contains(&status) {
             None
         } else {
@@ -419,10 +423,9 @@ pub async fn probe(config: &Config, inputs: &Inputs, master: &Master) -> Report 
             };
             sender.ready().await.map_err(|e| e.to_string())?;
             let resp = sender.send_request(get(&path)?).await.map_err(|e| e.to_string())?;
-            let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
-            let mut text = String::from_utf8_lossy(&body).into_owned();
-            text.truncate(2000);
-            Some(text)
+            // From the API: bounded, and escaped for the terminal.
+            let body = crate::discovery::read_all(resp.into_body(), PROBE_BODY_LIMIT).await?;
+            Some(crate::sanitize::untrusted(&String::from_utf8_lossy(&body), 2000))
         };
         Ok::<_, String>((status, verbose))
     };

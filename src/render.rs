@@ -122,9 +122,15 @@ pub struct AuxFile {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rendered {
     /// The complete haproxy.cfg, secrets included.
-    pub text: String,
-    /// SHA-256 of `text`, hex.
+    pub text: Secret,
+    /// SHA-256 of the text with its secrets redacted, hex: what status,
+    /// metrics, logs and `apilb check` show. Equal for renders that differ
+    /// only in a secret.
     pub hash: String,
+    /// SHA-256 of the complete text, hex: tells any change, a rotated
+    /// token included. Never shown (it would test guesses of the secrets);
+    /// kept in memory and in the runtime directory's private marker file.
+    pub fingerprint: String,
     /// Files that must exist next to it.
     pub aux_files: Vec<AuxFile>,
     /// Removes this config's secrets from any text.
@@ -137,7 +143,7 @@ pub struct Rendered {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Redactor {
     /// Secret values, longest first.
-    secrets: Vec<String>,
+    secrets: Vec<Secret>,
 }
 
 impl Redactor {
@@ -147,7 +153,8 @@ impl Redactor {
     pub fn redact(&self, text: &str) -> String {
         let mut out = text.to_owned();
         for s in &self.secrets {
-            out = out.replace(s.as_str(), "<redacted>");
+            let s = s.expose();
+            out = out.replace(s, "<redacted>");
             let chars: Vec<char> = s.chars().collect();
             for len in (6..chars.len()).rev() {
                 let prefix: String = chars[..len].iter().collect();
@@ -168,7 +175,7 @@ impl Rendered {
 
     /// The config with every secret replaced by `<redacted>`.
     pub fn redacted(&self) -> String {
-        self.redact(&self.text)
+        self.redact(self.text.expose())
     }
 
     /// Removes this config's secrets from any text (e.g. HAProxy's output).
@@ -291,6 +298,7 @@ struct HaproxyCfg {
     servers: Vec<ServerLine>,
     resolvers: bool,
     stats: Option<StatsSection>,
+    run_as: Option<crate::inputs::RunAs>,
 }
 
 /// Quotes a value for haproxy.cfg: single quotes keep everything literal
@@ -407,6 +415,7 @@ pub fn render(config: &Config, inputs: &Inputs, paths: &Paths, features: Feature
         servers,
         resolvers: config.masters.iter().any(|m| m.address.is_dns()),
         stats,
+        run_as: inputs.run_as.clone(),
     };
     // The template only interpolates strings; it cannot fail at run time.
     let mut text = cfg.render().unwrap_or_else(|e| format!("# template error: {e}\n"));
@@ -414,11 +423,16 @@ pub fn render(config: &Config, inputs: &Inputs, paths: &Paths, features: Feature
     if !text.ends_with('\n') {
         text.push('\n');
     }
-    let hash = Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+    let hex = |bytes: &[u8]| Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let fingerprint = hex(text.as_bytes());
     // Longest first, so a secret containing another is redacted whole.
     secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
     secrets.dedup();
-    Rendered { text, hash, aux_files, redactor: Redactor { secrets }, features }
+    let redactor = Redactor { secrets: secrets.into_iter().map(Secret::new).collect() };
+    // What is shown: a hash over the text without its secrets, so that it
+    // cannot be used to test guesses of a token or a password offline.
+    let hash = hex(redactor.redact(&text).as_bytes());
+    Rendered { text: Secret::new(text), hash, fingerprint, aux_files, redactor, features }
 }
 
 /// Renders for validation only: same config, but every file HAProxy would
@@ -458,11 +472,45 @@ mod tests {
                 notes: Vec::new(),
             },
             stats_password: None,
+            run_as: None,
         };
         let rendered = render(&config, &inputs, &Paths::from_config(&config), Features::default());
-        assert!(rendered.text.contains("hdr Authorization 'Bearer abc%%def'\\''ghijklmnop'"));
+        assert!(rendered.text.expose().contains("hdr Authorization 'Bearer abc%%def'\\''ghijklmnop'"));
         let redacted = rendered.redacted();
         assert!(redacted.contains("hdr Authorization 'Bearer <redacted>'"), "{redacted}");
         assert!(!redacted.contains("ghijklmnop"), "{redacted}");
+    }
+
+    /// The hash that status and metrics show cannot test a guessed token:
+    /// it is the same for every token; the internal fingerprint is not.
+    #[test]
+    fn the_shown_hash_does_not_depend_on_secrets() {
+        let yaml = "masters: [10.0.0.1:6443]\n\
+                    health: {tls: {insecure_skip_verify: true}, auth: {mode: bearer, token_file: /t}}\n";
+        let config = Config::parse(yaml, "test").unwrap_or_else(|e| panic!("{e}"));
+        let with = |token: &str| {
+            let inputs = Inputs {
+                check: CheckAuth {
+                    verify: Verify::Insecure,
+                    credential: Credential::Bearer { token: Secret::new(token), path: "/t".into() },
+                    bootstrap: false,
+                    source: "token file /t".into(),
+                    notes: Vec::new(),
+                },
+                stats_password: None,
+                run_as: None,
+            };
+            render(&config, &inputs, &Paths::from_config(&config), Features::default())
+        };
+        let (a, b) = (with("guess-one-123"), with("guess-two-456"));
+        assert_eq!(a.hash, b.hash);
+        assert_ne!(a.fingerprint, b.fingerprint, "a rotated token must still be applied");
+        let full =
+            Sha256::digest(a.text.expose().as_bytes()).iter().map(|b| format!("{b:02x}")).collect::<String>();
+        assert_eq!(a.fingerprint, full);
+        assert_ne!(a.hash, full);
+        assert_eq!(a.short_hash(), &a.hash[..12]);
+        // Debug output (panics, traces) carries no secret either.
+        assert!(!format!("{a:?}").contains("guess-one-123"), "{a:?}");
     }
 }

@@ -35,6 +35,10 @@ pub struct DiscoveryStatus {
     pub last_error: Option<String>,
     /// Addresses the API listed but apilb refused, with the reason.
     pub refused: Vec<String>,
+    /// Why the API's current answer is refused as a whole, while it is:
+    /// the masters in use stay.
+    #[serde(default)]
+    pub rejected: Option<String>,
     /// Times the watch started over.
     pub watch_restarts: u64,
 }
@@ -180,6 +184,9 @@ impl Status {
         }
         if self.check.auth == "bootstrap" {
             s.push_str("; bootstrap checks (no credential yet)");
+        }
+        if self.discovery.as_ref().is_some_and(|d| d.rejected.is_some()) {
+            s.push_str("; discovered masters rejected");
         }
         if self.config.pending_error.is_some() {
             s.push_str("; config change rejected");

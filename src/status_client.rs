@@ -206,11 +206,16 @@ pub fn render_table(s: &Status) -> String {
         };
         let api = if d.api.is_empty() { String::new() } else { format!(" ({})", d.api) };
         let _ = writeln!(out, "Discovery{api}: {when}, {} watch restarts", d.watch_restarts);
+        // Text from the API: escaped again, whatever agent served it.
+        let safe = |t: &str| crate::sanitize::untrusted(t, 400);
+        if let Some(r) = &d.rejected {
+            let _ = writeln!(out, "  REJECTED: {}", safe(r));
+        }
         if let Some(e) = &d.last_error {
-            let _ = writeln!(out, "  last problem: {e}");
+            let _ = writeln!(out, "  last problem: {}", safe(e));
         }
         for r in &d.refused {
-            let _ = writeln!(out, "  refused: {r}");
+            let _ = writeln!(out, "  refused: {}", safe(r));
         }
     }
     if let Some(e) = &c.pending_error {

@@ -115,9 +115,10 @@ async fn an_invalid_config_is_refused_and_the_old_one_keeps_serving() {
     //    in HAProxy; the old worker keeps serving and the file on disk is
     //    put back.
     env.lab
-        .write_config(
-            &good_yaml.replace(&format!("listen: \"{}\"", env.lab.listen), "listen: \"192.0.2.1:16443\""),
-        )
+        .write_config(&good_yaml.replace(
+            &format!("listen: \"{}\"", env.lab.listen),
+            "expose: [listen]\nlisten: \"192.0.2.1:16443\"",
+        ))
         .unwrap();
     env.agent().send(apilb::agent::Control::Reload).await;
     let s = env

@@ -381,3 +381,126 @@ async fn a_handover_keeps_the_discovered_masters_without_a_reload() {
     assert!(status.success(), "{text}");
     assert!(text.contains("applied"), "{text}");
 }
+
+// Hostile or broken answers of the API (docs/security.md). Every address in
+// these tests is on loopback: whatever discovery decides, nothing here
+// connects outside 127.0.0.0/8 (link-local and other ranges are refused
+// in src/discovery's unit tests, where the set is decided).
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loopback_masters_are_refused_by_default_and_the_seeds_keep_serving() {
+    // No allowed_cidrs: the lab's masters, all on 127.0.0.x, are refused.
+    let env = env_with_discovery(cluster_opts(), "    allowed_cidrs: []\n").await;
+    let s = env
+        .wait_status(Duration::from_secs(15), "the discovered set rejected", |s| {
+            s.discovery.as_ref().is_some_and(|d| d.rejected.is_some())
+        })
+        .await;
+    let why = s.discovery.as_ref().unwrap().rejected.clone().unwrap();
+    assert!(why.contains("refused the discovered set as a whole") && why.contains("is loopback"), "{why}");
+    assert!(s.masters.iter().all(|m| m.source == "static"), "{:?}", s.masters);
+    assert!(s.summary().contains("discovered masters rejected"), "{}", s.summary());
+    let metrics = http_get(env.agent().metrics_addr(), "/metrics").await.1;
+    assert!(metrics.contains("apilb_discovery_rejected 1"), "{metrics}");
+    assert!(served_by(&env).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_over_max_masters_is_refused_and_the_last_good_set_serves() {
+    let mut env = env_with_discovery(cluster_opts(), "    max_masters: 3\n").await;
+    wait_discovered(&env, 3).await;
+    env.lab.add_server(4).await.unwrap();
+    env.lab.cluster.as_ref().unwrap().set_endpoints(&endpoints(&[1, 2, 3, 4]));
+    let s = env
+        .wait_status(Duration::from_secs(10), "rejected", |s| {
+            s.discovery.as_ref().is_some_and(|d| d.rejected.is_some())
+        })
+        .await;
+    let why = s.discovery.as_ref().unwrap().rejected.clone().unwrap();
+    assert!(why.contains("4 masters, more than discovery.kubernetes.max_masters (3)"), "{why}");
+    assert_eq!(s.in_rotation().count(), 3);
+    assert!(!servers(&env).await.iter().any(|(n, _)| n == "127.0.0.4"));
+    // Back within the cap: accepted again, the rejection cleared.
+    env.lab.cluster.as_ref().unwrap().set_endpoints(&endpoints(&[1, 2, 4]));
+    env.wait_status(Duration::from_secs(15), "accepted again", |s| {
+        s.discovery.as_ref().is_some_and(|d| d.rejected.is_none())
+            && s.in_rotation()
+                .map(|m| m.address.clone())
+                .collect::<Vec<_>>()
+                .iter()
+                .any(|a| a.starts_with("127.0.0.4:"))
+    })
+    .await;
+    env.agent = None;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_api_servers_own_slice_counts() {
+    let env = env_with_discovery(cluster_opts(), "").await;
+    wait_discovered(&env, 3).await;
+    let cluster = env.lab.cluster.as_ref().unwrap();
+    // Anyone allowed to create slices in `default` can label one so.
+    cluster.inject(
+        "ADDED",
+        serde_json::json!({"kind": "EndpointSlice", "metadata": {"name": "evil", "namespace": "default",
+            "labels": {"kubernetes.io/service-name": "kubernetes"}}, "addressType": "IPv4",
+            "endpoints": [{"addresses": ["127.0.0.9"]}], "ports": [{"name": "https", "port": 6443}]}),
+    );
+    // A real change after it: by then the foreign slice was read.
+    cluster.set_endpoints(&endpoints(&[1, 2]));
+    wait_servers(&env, "master-3 draining", |s| s.iter().any(|(n, st)| n == "master-3" && st == "DRAIN"))
+        .await;
+    let names: Vec<String> = servers(&env).await.into_iter().map(|(n, _)| n).collect();
+    assert!(!names.iter().any(|n| n.contains("127.0.0.9")), "{names:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_answers_are_bounded_and_escaped() {
+    let env = env_with_discovery(cluster_opts(), "").await;
+    wait_discovered(&env, 3).await;
+    let cluster = env.lab.cluster.as_ref().unwrap();
+    // A huge error text, with a forged log line and a terminal escape.
+    let message = format!("boom\nWARN forged\x1b]0;owned\x07{}", "y".repeat(200_000));
+    cluster.inject("ERROR", serde_json::json!({"kind": "Status", "code": 500, "message": message}));
+    let s = env
+        .wait_status(Duration::from_secs(10), "the error reported", |s| {
+            s.discovery.as_ref().and_then(|d| d.last_error.as_ref()).is_some_and(|e| e.contains("error 500"))
+        })
+        .await;
+    let e = s.discovery.as_ref().unwrap().last_error.clone().unwrap();
+    assert!(e.len() < 500, "{} bytes kept", e.len());
+    assert!(e.contains("boom\\nWARN forged\\u{1b}]0;owned\\u{7}") && !e.chars().any(char::is_control), "{e}");
+    // The watch is back (its first bookmark clears the error)…
+    env.wait_status(Duration::from_secs(15), "the watch back", |s| {
+        s.discovery.as_ref().is_some_and(|d| d.last_error.is_none())
+    })
+    .await;
+    // …when a huge event comes: refused by size, not kept.
+    cluster.inject(
+        "MODIFIED",
+        serde_json::json!({"metadata": {"name": "kubernetes"}, "padding": "z".repeat(1 << 20)}),
+    );
+    env.wait_status(Duration::from_secs(15), "the huge event refused", |s| {
+        s.discovery
+            .as_ref()
+            .and_then(|d| d.last_error.as_ref())
+            .is_some_and(|e| e.contains("larger than 256 KiB"))
+    })
+    .await;
+    assert_eq!(env.agent().status().borrow().in_rotation().count(), 3);
+    // A list that sends its headers and stalls: given up within its bound.
+    cluster.stall_lists(true);
+    cluster.expire();
+    let started = tokio::time::Instant::now();
+    env.wait_status(Duration::from_secs(40), "the stalled list given up", |s| {
+        s.discovery
+            .as_ref()
+            .and_then(|d| d.last_error.as_ref())
+            .is_some_and(|e| e.contains("did not end within 15s"))
+    })
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(35), "{:?}", started.elapsed());
+    cluster.stall_lists(false);
+    assert_eq!(env.agent().status().borrow().in_rotation().count(), 3);
+    assert!(served_by(&env).await.is_ok());
+}

@@ -9,12 +9,13 @@ use std::path::{Path, PathBuf};
 type Target = fn(&[u8]);
 
 /// Every fuzz target and the function it runs.
-const TARGETS: [(&str, Target); 5] = [
+const TARGETS: [(&str, Target); 6] = [
     ("config", apilb::fuzzing::config),
     ("haproxy_reply", apilb::fuzzing::haproxy_reply),
     ("discovery", apilb::fuzzing::discovery),
     ("persisted", apilb::fuzzing::persisted),
     ("kubeconfig", apilb::fuzzing::kubeconfig),
+    ("discovery_stream", apilb::fuzzing::discovery_stream),
 ];
 
 /// The files of `fuzz/<kind>/<target>`, sorted; fails when the directory is

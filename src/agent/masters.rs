@@ -41,11 +41,11 @@ fn only_servers_differ(old: &str, new: &str) -> bool {
 /// `base`'s config and inputs reproduces the running file exactly.
 pub(super) fn running_set(
     running_text: &str,
-    running_hash: &str,
+    running_fingerprint: &str,
     base: &Loaded,
     paths: &Paths,
 ) -> Option<Loaded> {
-    if !only_servers_differ(running_text, &base.rendered.text) {
+    if !only_servers_differ(running_text, base.rendered.text.expose()) {
         return None;
     }
     let masters: Vec<Master> = running_text
@@ -65,7 +65,7 @@ pub(super) fn running_set(
     let mut config = base.config.clone();
     config.masters = masters;
     let current = crate::assemble(config, base.inputs.clone(), paths, base.rendered.features);
-    (current.rendered.hash == running_hash).then_some(current)
+    (current.rendered.fingerprint == running_fingerprint).then_some(current)
 }
 
 impl Agent {
@@ -124,6 +124,8 @@ impl Agent {
                     tracing::warn!("discovery refused addresses the API listed: {}", refused.join("; "));
                 }
                 status.refused = refused;
+                status.rejected = None;
+                self.metrics.discovery_rejected.set(0);
                 self.last_discovery_problem = None;
                 if self.sources.discovered.is_none() {
                     tracing::info!(
@@ -146,6 +148,11 @@ impl Agent {
                 status.last_error = Some(why.clone());
                 self.metrics.discovery_watch_restarts_total.inc();
                 tracing::warn!("discovery watch restarted: {why}");
+            }
+            discovery::Update::Rejected(why) => {
+                tracing::warn!("discovery: {why}");
+                status.rejected = Some(why);
+                self.metrics.discovery_rejected.set(1);
             }
             discovery::Update::Failing(why) => {
                 status.last_error = Some(why.clone());
@@ -173,7 +180,7 @@ impl Agent {
             crate::assemble(config, self.applied.loaded.inputs.clone(), &self.paths, self.features());
         let change = runtime::diff(&self.applied.loaded.config.masters, &loaded.config.masters);
         let runtime_ok = self.haproxy.is_some()
-            && only_servers_differ(&self.running.text, &loaded.rendered.text)
+            && only_servers_differ(self.running.text.expose(), loaded.rendered.text.expose())
             && change.added.iter().all(|m| !m.address.is_dns());
         if runtime_ok {
             match self.apply_runtime(&loaded, &change).await {
@@ -199,9 +206,9 @@ impl Agent {
                 }
             }
         }
-        let hash = loaded.rendered.hash.clone();
+        let fingerprint = loaded.rendered.fingerprint.clone();
         self.apply(loaded, "the master set changed").await;
-        if self.running.hash == hash {
+        if self.running.fingerprint == fingerprint {
             self.metrics.master_changes_total.with_label_values(&["reload"]).inc_by(change.len() as u64);
             // A reload dropped the draining servers from the new worker.
             self.draining.clear();

@@ -34,10 +34,10 @@ use crate::discovery::{self, persist};
 use crate::fsutil;
 use crate::haproxy::output::Output;
 use crate::haproxy::stat::ServerState;
-use crate::haproxy::supervisor::{Haproxy, ReloadError, SupervisorError, alive};
+use crate::haproxy::supervisor::{Haproxy, ReloadError, SupervisorError, alive, signal_if_ours};
 use crate::haproxy::{Binary, BinaryError, Version};
 use crate::http::{self, HttpState};
-use crate::inputs::Verify;
+use crate::inputs::{Secret, Verify};
 use crate::masters::{Source, Sources};
 use crate::metrics::Metrics;
 use crate::render::{Features, Paths, Rendered};
@@ -176,14 +176,24 @@ impl Handle {
 
 /// The haproxy.cfg HAProxy runs, to restore it if a reload fails.
 struct Running {
-    text: String,
+    /// The file's text, secrets included.
+    text: Secret,
+    /// Its [`Rendered::fingerprint`]: what a new render is compared with.
+    fingerprint: String,
+    /// Its [`Rendered::hash`], for logs.
     hash: String,
+    /// Its secrets, to keep them out of HAProxy's messages.
     redactor: crate::render::Redactor,
 }
 
 impl Running {
     fn of(r: &Rendered) -> Running {
-        Running { text: r.text.clone(), hash: r.hash.clone(), redactor: r.redactor.clone() }
+        Running {
+            text: r.text.clone(),
+            fingerprint: r.fingerprint.clone(),
+            hash: r.hash.clone(),
+            redactor: r.redactor.clone(),
+        }
     }
 }
 
@@ -228,8 +238,8 @@ struct Agent {
     running: Running,
     /// A changed render seen once, applied when the next read agrees.
     candidate: Option<String>,
-    /// The last render HAProxy refused; not retried until it changes (or
-    /// on SIGHUP).
+    /// The fingerprint of the last render HAProxy refused; not retried
+    /// until it changes (or on SIGHUP).
     refused_hash: Option<String>,
     /// The last config error reported, so it is logged once, not every second.
     last_error: Option<String>,
@@ -294,6 +304,14 @@ pub async fn start(opts: Options) -> Result<Handle, AgentError> {
     for dir in [&paths.runtime_dir, &paths.state_dir] {
         fsutil::ensure_private_dir(dir).map_err(|source| AgentError::Files { path: dir.clone(), source })?;
     }
+    for (what, addr) in [("listen", config.listen.0), ("metrics.listen", config.metrics.listen.0)] {
+        if !addr.ip().is_loopback() {
+            tracing::warn!(
+                %addr,
+                "{what} is served off loopback, to whoever can reach this address (expose in apilb.yaml)"
+            );
+        }
+    }
     let metrics_listener = TcpListener::bind(config.metrics.listen.0)
         .await
         .map_err(|source| AgentError::Bind { addr: config.metrics.listen.0, source })?;
@@ -341,10 +359,11 @@ pub async fn start(opts: Options) -> Result<Handle, AgentError> {
     let mut stale_adoption = false;
     if haproxy.adopted() {
         let marker = std::fs::read_to_string(paths.applied_marker()).unwrap_or_default();
-        if marker.trim() != loaded.rendered.hash {
+        if marker.trim() != loaded.rendered.fingerprint {
             stale_adoption = true;
-            running.hash = marker.trim().to_owned();
-            running.text = std::fs::read_to_string(paths.config_file()).unwrap_or_default();
+            running.fingerprint = marker.trim().to_owned();
+            running.text = Secret::new(std::fs::read_to_string(paths.config_file()).unwrap_or_default());
+            running.hash = "(adopted)".to_owned();
         }
     }
     let mut applied = Applied { loaded, at: SystemTime::now() };
@@ -353,7 +372,8 @@ pub async fn start(opts: Options) -> Result<Handle, AgentError> {
     // converge through the runtime API: an agent upgrade must not reload.
     let mut sync_masters = false;
     if stale_adoption
-        && let Some(current) = masters::running_set(&running.text, &running.hash, &applied.loaded, &paths)
+        && let Some(current) =
+            masters::running_set(running.text.expose(), &running.fingerprint, &applied.loaded, &paths)
     {
         applied.loaded = current;
         stale_adoption = false;
@@ -463,7 +483,7 @@ fn promote(paths: &Paths, staging: &Path, rendered: &Rendered) -> Result<(), Age
     let target = paths.config_file();
     std::fs::rename(staging, &target).map_err(|source| AgentError::Files { path: target.clone(), source })?;
     let marker = paths.applied_marker();
-    fsutil::write_atomic(&marker, rendered.hash.as_bytes(), 0o600)
+    fsutil::write_atomic(&marker, rendered.fingerprint.as_bytes(), 0o600)
         .map_err(|source| AgentError::Files { path: marker, source })
 }
 
@@ -568,7 +588,7 @@ impl Agent {
     async fn reload_now(&mut self) {
         systemd::notify("RELOADING=1");
         match self.load_effective() {
-            Ok(loaded) if loaded.rendered.hash == self.running.hash => {
+            Ok(loaded) if loaded.rendered.fingerprint == self.running.fingerprint => {
                 tracing::info!(
                     config = loaded.rendered.short_hash(),
                     "reload requested; the configuration is unchanged"
@@ -588,10 +608,10 @@ impl Agent {
     async fn watch_config(&mut self) {
         match self.load_effective() {
             Ok(loaded) => {
-                let hash = loaded.rendered.hash.clone();
+                let hash = loaded.rendered.fingerprint.clone();
                 if self.refused_hash.as_deref() == Some(&hash) {
                     self.candidate = None;
-                } else if hash == self.running.hash {
+                } else if hash == self.running.fingerprint {
                     self.candidate = None;
                     if self.last_error.is_some() {
                         tracing::info!("the configuration file is back to the config in effect");
@@ -616,14 +636,14 @@ impl Agent {
     /// failure the running config and the file on disk stay as they were.
     async fn apply(&mut self, loaded: Loaded, why: &str) {
         if let Some(msg) = crate::config::restart_only::refusal(&self.applied.loaded.config, &loaded.config) {
-            self.refused_hash = Some(loaded.rendered.hash.clone());
+            self.refused_hash = Some(loaded.rendered.fingerprint.clone());
             self.refuse("invalid_config", msg, false);
             return;
         }
         let staged = match stage_and_validate(&self.binary, &self.paths, &loaded.rendered).await {
             Ok(p) => p,
             Err(e) => {
-                self.refused_hash = Some(loaded.rendered.hash.clone());
+                self.refused_hash = Some(loaded.rendered.fingerprint.clone());
                 let result = if matches!(e, BinaryError::Rejected { .. }) { "refused" } else { "failed" };
                 self.refuse(result, format!("{}: {e}", self.opts.config_path.display()), true);
                 return;
@@ -644,7 +664,7 @@ impl Agent {
             // write leaves the old one): a master DOWN now could start UP.
             // Like any failed step, this refuses the change.
             let _ = std::fs::remove_file(&staged);
-            self.refused_hash = Some(loaded.rendered.hash.clone());
+            self.refused_hash = Some(loaded.rendered.fingerprint.clone());
             self.refuse("failed", format!("cannot save the server state before the reload: {e}"), true);
             return;
         }
@@ -667,22 +687,25 @@ impl Agent {
             Err(e) => {
                 // Put the last good config back, so a restart of HAProxy
                 // does not pick up the one it refused.
-                let restored =
-                    fsutil::write_atomic(&self.paths.config_file(), self.running.text.as_bytes(), 0o600)
-                        .and_then(|()| {
-                            fsutil::write_atomic(
-                                &self.paths.applied_marker(),
-                                self.running.hash.as_bytes(),
-                                0o600,
-                            )
-                        });
+                let restored = fsutil::write_atomic(
+                    &self.paths.config_file(),
+                    self.running.text.expose().as_bytes(),
+                    0o600,
+                )
+                .and_then(|()| {
+                    fsutil::write_atomic(
+                        &self.paths.applied_marker(),
+                        self.running.fingerprint.as_bytes(),
+                        0o600,
+                    )
+                });
                 if let Err(re) = restored {
                     tracing::error!(error = %re, "cannot restore the previous haproxy.cfg");
                 }
                 self.output.set_redactor(self.running.redactor.clone());
                 // A busy master refused nothing: the change is retried.
                 if !matches!(e, ReloadError::Busy) {
-                    self.refused_hash = Some(loaded.rendered.hash.clone());
+                    self.refused_hash = Some(loaded.rendered.fingerprint.clone());
                 }
                 let result = match e {
                     ReloadError::Refused { .. } => "refused",
@@ -842,17 +865,18 @@ impl Agent {
         self.respawn_at = None;
         self.respawn_attempt += 1;
         // The dead master's workers exit within milliseconds; wait for
-        // them so the new master can bind the port.
+        // them so the new master can bind the port. The pids are from the
+        // last poll: only processes that still run our HAProxy count, and
+        // only those are signalled.
+        let ours = |pid: &u32| alive(*pid) && crate::haproxy::supervisor::is_ours(*pid, &self.paths);
         let deadline = Instant::now() + Duration::from_secs(1);
-        while self.workers_seen.iter().any(|p| alive(*p)) && Instant::now() < deadline {
+        while self.workers_seen.iter().any(ours) && Instant::now() < deadline {
             sleep(Duration::from_millis(5)).await;
         }
-        for pid in self.workers_seen.drain(..).filter(|p| alive(*p)) {
-            tracing::warn!(pid, "terminating a worker orphaned by the dead master");
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
+        for pid in std::mem::take(&mut self.workers_seen) {
+            if signal_if_ours(pid, &self.paths, nix::sys::signal::Signal::SIGTERM) {
+                tracing::warn!(pid, "terminated a worker orphaned by the dead master");
+            }
         }
         match Haproxy::spawn(&self.binary, &self.version, &self.paths, &self.output).await {
             Ok(h) => {

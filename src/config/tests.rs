@@ -255,8 +255,45 @@ fn rise_fall_and_status_ranges() {
 #[test]
 fn check_path_rules() {
     err_has(&with_ca("  path: readyz\n"), "health.path: \"readyz\" must start with '/'");
-    err_has(&with_ca("  path: \"/ready z\"\n"), "may only contain printable characters");
+    err_has(&with_ca("  path: \"/ready z\"\n"), "may only contain letters, digits");
+    // Syntax of haproxy.cfg or of HAProxy's runtime API.
+    err_has(&with_ca("  path: \"/readyz';x\"\n"), "no spaces, quotes, '\\', '#' or ';'");
+    err_has(&with_ca("  path: \"/readyz;show\"\n"), "may only contain letters, digits");
     assert_eq!(parse(&with_ca("  path: /readyz?verbose\n")).health.path.0, "/readyz?verbose");
+}
+
+#[test]
+fn a_semicolon_cannot_reach_the_runtime_api_through_a_path() {
+    err_has(
+        "masters: [10.0.0.1:6443]\nhealth: {tls: {ca_file: \"/etc/ca.crt;show sess\"}}\n",
+        "health.tls.ca_file: \"/etc/ca.crt;show sess\" contains ';'",
+    );
+    err_has(
+        "masters: [10.0.0.1:6443]\nhealth: {tls: {insecure_skip_verify: true}}\nhaproxy: {runtime_dir: \"/run/a;b\"}\n",
+        "haproxy.runtime_dir: \"/run/a;b\" contains ';'",
+    );
+}
+
+#[test]
+fn endpoints_off_loopback_need_an_explicit_expose() {
+    let base = "masters: [10.0.0.1:6443]\nhealth: {tls: {insecure_skip_verify: true}}\n";
+    err_has(
+        &format!("{base}listen: 10.0.0.5:16443\n"),
+        "listen: 10.0.0.5:16443 is not a loopback address: other hosts could reach the API servers through \
+         this node",
+    );
+    err_has(&format!("{base}listen: \"0.0.0.0:16443\"\n"), "say so with `expose: [listen]`");
+    err_has(&format!("{base}metrics: {{listen: \"10.0.0.5:9716\"}}\n"), "say so with `expose: [metrics]`");
+    // `expose: [listen]` does not cover metrics.
+    err_has(
+        &format!("{base}expose: [listen]\nmetrics: {{listen: \"10.0.0.5:9716\"}}\n"),
+        "metrics.listen: 10.0.0.5:9716 is not a loopback address",
+    );
+    let c = parse(&format!(
+        "{base}expose: [listen, metrics]\nlisten: 10.0.0.5:16443\nmetrics: {{listen: \"[::]:9716\"}}\n"
+    ));
+    assert_eq!(c.expose, vec![Exposed::Listen, Exposed::Metrics]);
+    err_has(&format!("{base}expose: [stats]\n"), "expose[0]: unknown variant `stats`");
 }
 
 #[test]
@@ -420,8 +457,8 @@ fn unreadable_file() {
 
 #[test]
 fn settings_hash_ignores_metrics_and_follows_everything_else() {
-    let a = parse("masters: [10.0.0.1:6443]\nmetrics: {listen: \"10.1.1.1:9716\"}\n");
-    let b = parse("masters: [10.0.0.1:6443]\nmetrics: {listen: \"10.1.1.2:9716\"}\n");
+    let a = parse("masters: [10.0.0.1:6443]\nexpose: [metrics]\nmetrics: {listen: \"10.1.1.1:9716\"}\n");
+    let b = parse("masters: [10.0.0.1:6443]\nexpose: [metrics]\nmetrics: {listen: \"10.1.1.2:9716\"}\n");
     let c = parse("masters: [10.0.0.1:6443, 10.0.0.2:6443]\n");
     assert_eq!(a.settings_hash(), b.settings_hash());
     assert_ne!(a.settings_hash(), c.settings_hash());

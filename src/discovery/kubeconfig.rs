@@ -105,6 +105,10 @@ pub struct KubeAccess {
     pub token: Option<Secret>,
     /// `client_cert` or `bearer`: what authenticates the requests.
     pub auth: &'static str,
+    /// The kubeconfig says `insecure-skip-tls-verify: true`: the API
+    /// server's certificate is not verified (said in the log and by
+    /// `apilb check`, never silently).
+    pub insecure: bool,
 }
 
 impl std::fmt::Debug for KubeAccess {
@@ -251,6 +255,7 @@ pub(crate) fn parse(
         tls: Arc::new(tls),
         token,
         auth,
+        insecure: cluster.insecure,
     })
 }
 

@@ -53,6 +53,10 @@ pub enum Update {
     Restarted(String),
     /// Discovery cannot make progress now; the masters in use stay.
     Failing(String),
+    /// The API answers, but its answer breaks discovery's rules and is
+    /// refused as a whole ([`Decision::Refuse`]); the masters in use stay
+    /// until an acceptable answer comes.
+    Rejected(String),
 }
 
 /// How the watcher reaches the API.
@@ -207,7 +211,7 @@ async fn session(
             Ok((code, _)) => return End::Error(format!("watch {}: HTTP {code}", api.name())),
             Err(e) => return End::Error(e),
         };
-        let mut lines = LineReader { body, buf: Vec::new() };
+        let mut lines = LineReader { body, lines: LineSplitter::new(MAX_EVENT_BYTES) };
         let deadline = tokio::time::Instant::now() + opts.watch_timeout + Duration::from_secs(30);
         loop {
             let line = match tokio::time::timeout_at(deadline, lines.next()).await {
@@ -237,6 +241,21 @@ pub(crate) enum Event {
     Bookmark,
 }
 
+/// The name of the API servers' own object: the `kubernetes`
+/// EndpointSlice (kube-apiserver's endpoint reconciler writes it, named
+/// after the service) or Endpoints. Another slice carrying the service's
+/// label (anyone allowed to create slices in `default` can make one) is
+/// not theirs and is ignored, which also bounds what is kept in memory.
+pub const OWN_OBJECT: &str = "kubernetes";
+
+/// The largest watch event or list kept: the API servers' own slice holds
+/// one endpoint per API server, a few KiB.
+pub const MAX_EVENT_BYTES: usize = 256 << 10;
+/// The largest list response read.
+pub const MAX_LIST_BYTES: usize = 1 << 20;
+/// How long a list may take, its body included.
+const LIST_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Applies one line of a watch stream to the objects by name and to the
 /// resourceVersion the next watch resumes from.
 pub(crate) fn apply_event(
@@ -254,6 +273,7 @@ pub(crate) fn apply_event(
                 return Err(End::Expired);
             }
             let msg = event.object.get("message").and_then(|m| m.as_str()).unwrap_or("");
+            let msg = crate::sanitize::untrusted(msg, crate::sanitize::API_TEXT);
             Err(End::Error(format!("watch {}: error {code}: {msg}", api.name())))
         }
         kind @ ("ADDED" | "MODIFIED" | "DELETED" | "BOOKMARK") => {
@@ -267,6 +287,7 @@ pub(crate) fn apply_event(
             }
             match kind {
                 "BOOKMARK" => return Ok(Event::Bookmark),
+                _ if meta.name != OWN_OBJECT => return Ok(Event::Bookmark),
                 "DELETED" => {
                     objects.remove(&meta.name);
                 }
@@ -276,7 +297,11 @@ pub(crate) fn apply_event(
             }
             Ok(Event::Changed)
         }
-        other => Err(End::Error(format!("watch {}: unknown event type {other:?}", api.name()))),
+        other => Err(End::Error(format!(
+            "watch {}: unknown event type {:?}",
+            api.name(),
+            crate::sanitize::untrusted(other, 40)
+        ))),
     }
 }
 
@@ -333,7 +358,12 @@ async fn list(client: &Client, api: Api) -> Result<(String, BTreeMap<String, ser
         }
         other => return Err(ListError::Other(format!("list {}: HTTP {other}", api.name()))),
     }
-    let bytes = read_all(body, 8 << 20).await.map_err(ListError::Other)?;
+    let bytes = tokio::time::timeout(LIST_TIMEOUT, read_all(body, MAX_LIST_BYTES))
+        .await
+        .map_err(|_| {
+            ListError::Other(format!("list {}: the answer did not end within {LIST_TIMEOUT:?}", api.name()))
+        })?
+        .map_err(|e| ListError::Other(format!("list {}: {e}", api.name())))?;
     parse_list(&bytes).map_err(|e| ListError::Other(format!("list {}: {e}", api.name())))
 }
 
@@ -354,8 +384,94 @@ pub(crate) fn parse_list(
                 .to_owned();
             (name, o)
         })
+        .filter(|(name, _)| name == OWN_OBJECT)
         .collect();
     Ok((list.metadata.resource_version, objects))
+}
+
+/// What discovery makes of the API's answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Use these masters; `refused` says which listed addresses were left
+    /// out, and why.
+    Use {
+        /// The masters, sorted, unique, non-empty.
+        addresses: Vec<Address>,
+        /// Listed addresses left out, with the reason.
+        refused: Vec<String>,
+    },
+    /// Use none of it: the answer breaks a rule that a real cluster never
+    /// breaks (a loopback or link-local master, more masters than
+    /// `max_masters`) or lists no usable master. The masters in use stay.
+    Refuse(String),
+}
+
+/// Address ranges that never hold an API server of a real cluster, and
+/// would divert a node's API traffic to itself or to a host service (cloud
+/// metadata sits at 169.254.169.254). IPv4-mapped IPv6 addresses count as
+/// their IPv4 address.
+const SPECIAL_RANGES: [(&str, &str); 9] = [
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local"),
+    ("0.0.0.0/8", "unspecified"),
+    ("224.0.0.0/4", "multicast"),
+    ("255.255.255.255/32", "broadcast"),
+    ("::1/128", "loopback"),
+    ("fe80::/10", "link-local"),
+    ("::/128", "unspecified"),
+    ("ff00::/8", "multicast"),
+];
+
+/// Why `ip` may not be a discovered master, if it may not: it lies in a
+/// special range that no network of `allowed` explicitly opens (an allowed
+/// network inside that range, such as `127.0.0.0/8`, does; `0.0.0.0/0`
+/// does not).
+fn special(ip: IpAddr, allowed: &[Cidr]) -> Option<&'static str> {
+    let ip = ip.to_canonical();
+    SPECIAL_RANGES.iter().find_map(|(range, what)| {
+        let range: Cidr = range.parse().ok()?;
+        let opened =
+            allowed.iter().any(|c| c.contains(ip) && c.prefix >= range.prefix && range.contains(c.addr));
+        (range.contains(ip) && !opened).then_some(*what)
+    })
+}
+
+/// Applies discovery's rules to the API's objects (the API servers' own).
+pub fn decide<'a>(
+    objects: impl Iterator<Item = &'a serde_json::Value>,
+    api: Api,
+    settings: &KubernetesDiscovery,
+) -> Decision {
+    let (addresses, refused) = ready_addresses(objects, api, &settings.allowed_cidrs);
+    let forbidden: Vec<String> = addresses
+        .iter()
+        .filter_map(|a| match a.host {
+            Host::Ip(ip) => special(ip, &settings.allowed_cidrs).map(|what| format!("{a} is {what}")),
+            Host::Dns(_) => None,
+        })
+        .collect();
+    if !forbidden.is_empty() {
+        return Decision::Refuse(format!(
+            "refused the discovered set as a whole: {} (allowed only when discovery.kubernetes.allowed_cidrs \
+             lists a network inside that range); keeping the masters in use",
+            forbidden.join(", ")
+        ));
+    }
+    if addresses.len() > settings.max_masters {
+        return Decision::Refuse(format!(
+            "refused the discovered set as a whole: it lists {} masters, more than \
+             discovery.kubernetes.max_masters ({}); keeping the masters in use",
+            addresses.len(),
+            settings.max_masters
+        ));
+    }
+    if addresses.is_empty() {
+        return Decision::Refuse(format!(
+            "the API lists no usable ready API server{}; keeping the masters in use",
+            if refused.is_empty() { String::new() } else { format!(" (refused: {})", refused.join("; ")) }
+        ));
+    }
+    Decision::Use { addresses, refused }
 }
 
 /// Computes the ready addresses and reports them when they changed.
@@ -366,20 +482,17 @@ async fn report(
     tx: &mpsc::Sender<Update>,
     last: &mut Option<(Vec<Address>, Vec<String>)>,
 ) {
-    let (addresses, refused) = ready_addresses(objects.values(), api, &opts.settings.allowed_cidrs);
-    if addresses.is_empty() {
-        let _ = tx
-            .send(Update::Failing(format!(
-                "the API lists no usable ready API server{}; keeping the masters in use",
-                if refused.is_empty() {
-                    String::new()
-                } else {
-                    format!(" (refused: {})", refused.join("; "))
-                }
-            )))
-            .await;
-        return;
-    }
+    let (addresses, refused) = match decide(objects.values(), api, &opts.settings) {
+        Decision::Use { addresses, refused } => (addresses, refused),
+        Decision::Refuse(why) => {
+            // Reported again only when it changes (or after an accepted set).
+            if last.as_ref().map(|(_, r)| r) != Some(&vec![why.clone()]) {
+                *last = Some((Vec::new(), vec![why.clone()]));
+                let _ = tx.send(Update::Rejected(why)).await;
+            }
+            return;
+        }
+    };
     // Report a change of the usable set, or of what was refused.
     let seen = (addresses.clone(), refused.clone());
     if last.as_ref() == Some(&seen) {
@@ -400,17 +513,13 @@ pub fn ready_addresses<'a>(
     let mut refused = Vec::new();
     let consider = |raw: &str, port: Option<u16>, found: &mut Vec<Address>, refused: &mut Vec<String>| {
         let Ok(ip) = raw.parse::<IpAddr>() else {
-            refused.push(format!("{raw}: not an IP address"));
+            refused.push(format!("{}: not an IP address", crate::sanitize::untrusted(raw, 64)));
             return;
         };
         let Some(port) = port else {
             refused.push(format!("{raw}: no https port"));
             return;
         };
-        if ip.is_unspecified() || ip.is_multicast() {
-            refused.push(format!("{raw}: not a usable address"));
-            return;
-        }
         if !allowed.is_empty() && !allowed.iter().any(|c| c.contains(ip)) {
             let nets: Vec<String> = allowed.iter().map(Cidr::to_string).collect();
             refused.push(format!("{raw}: outside discovery.kubernetes.allowed_cidrs ({})", nets.join(", ")));
@@ -423,7 +532,10 @@ pub fn ready_addresses<'a>(
             Api::EndpointSlices => {
                 let Ok(slice) = serde_json::from_value::<Slice>(obj.clone()) else { continue };
                 if slice.address_type == "FQDN" {
-                    refused.push(format!("slice {}: FQDN endpoints are not supported", slice.metadata.name));
+                    refused.push(format!(
+                        "slice {}: FQDN endpoints are not supported",
+                        crate::sanitize::untrusted(&slice.metadata.name, 64)
+                    ));
                     continue;
                 }
                 let port = https_port(slice.ports.iter().map(|p| (p.name.as_deref(), p.port)));
@@ -566,6 +678,13 @@ impl Client {
             return Err(format!("kubeconfig {} does not exist (yet)", path.display()));
         }
         let access = kubeconfig::load(&path).map_err(|e| e.to_string())?;
+        if access.insecure {
+            tracing::warn!(
+                kubeconfig = %path.display(),
+                "the kubeconfig says insecure-skip-tls-verify: discovery does not verify the API server's \
+                 certificate, so whoever answers in its place can choose the masters (within discovery's rules)"
+            );
+        }
         let (connect, name) = match opts.settings.via {
             Via::Local => {
                 (opts.local, access.tls_server_name.clone().unwrap_or_else(|| opts.server_name.clone()))
@@ -611,7 +730,8 @@ impl Client {
     }
 }
 
-async fn read_all(mut body: Incoming, limit: usize) -> Result<Vec<u8>, String> {
+/// Reads a body of at most `limit` bytes.
+pub(crate) async fn read_all(mut body: Incoming, limit: usize) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| e.to_string())?;
@@ -625,34 +745,80 @@ async fn read_all(mut body: Incoming, limit: usize) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
-/// Splits a streaming body into lines (watch events are one per line).
+/// Splits a stream of chunks into lines (watch events are one per line),
+/// holding at most `max` bytes of an unfinished line. Pure, so the fuzzer
+/// can drive it with any chunking.
+pub struct LineSplitter {
+    /// Bytes received and not yet returned as a line.
+    buf: Vec<u8>,
+    /// The longest line accepted.
+    max: usize,
+    /// Length of the unfinished line at the end of `buf`.
+    open: usize,
+}
+
+impl LineSplitter {
+    /// A splitter for lines of at most `max` bytes.
+    pub fn new(max: usize) -> Self {
+        LineSplitter { buf: Vec::new(), max, open: 0 }
+    }
+
+    /// The next complete, non-blank line, if one has been received.
+    pub fn next_line(&mut self) -> Option<Vec<u8>> {
+        while let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.buf.drain(..=i).collect();
+            if !line.iter().all(u8::is_ascii_whitespace) {
+                return Some(line);
+            }
+        }
+        None
+    }
+
+    /// Adds received bytes. Fails as soon as a line grows past the bound,
+    /// whether or not its end has arrived.
+    pub fn push(&mut self, data: &[u8]) -> Result<(), String> {
+        for chunk in data.split_inclusive(|b| *b == b'\n') {
+            let ends = chunk.ends_with(b"\n");
+            let body = chunk.len() - usize::from(ends);
+            if self.open + body > self.max {
+                self.buf.clear();
+                self.open = 0;
+                return Err(format!("a watch event larger than {} KiB", self.max >> 10));
+            }
+            self.buf.extend_from_slice(chunk);
+            self.open = if ends { 0 } else { self.open + body };
+        }
+        Ok(())
+    }
+
+    /// What is left at the end of the stream, as a last line.
+    pub fn finish(&mut self) -> Option<Vec<u8>> {
+        self.open = 0;
+        let rest = std::mem::take(&mut self.buf);
+        (!rest.iter().all(u8::is_ascii_whitespace)).then_some(rest)
+    }
+}
+
+/// Reads a watch body line by line.
 struct LineReader {
     body: Incoming,
-    buf: Vec<u8>,
+    lines: LineSplitter,
 }
 
 impl LineReader {
     async fn next(&mut self) -> Result<Option<Vec<u8>>, String> {
         loop {
-            if let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = self.buf.drain(..=i).collect();
-                if line.iter().all(u8::is_ascii_whitespace) {
-                    continue;
-                }
+            if let Some(line) = self.lines.next_line() {
                 return Ok(Some(line));
             }
             match self.body.frame().await {
                 Some(Ok(frame)) => {
                     if let Some(data) = frame.data_ref() {
-                        self.buf.extend_from_slice(data);
-                        if self.buf.len() > (8 << 20) {
-                            return Err("a watch event larger than 8 MiB".into());
-                        }
+                        self.lines.push(data)?;
                     }
                 }
                 Some(Err(e)) => return Err(e.to_string()),
-                None if self.buf.iter().all(u8::is_ascii_whitespace) => return Ok(None),
-                None => return Ok(Some(std::mem::take(&mut self.buf))),
+                None => return Ok(self.lines.finish()),
             }
         }
     }
@@ -699,17 +865,20 @@ mod tests {
 
     #[test]
     fn watch_events_update_the_objects_and_the_resource_version() {
-        let (mut rv, mut objects) =
-            parse_list(br#"{"metadata":{"resourceVersion":"7"},"items":[{"metadata":{"name":"a"}}]}"#)
-                .unwrap();
+        let (mut rv, mut objects) = parse_list(
+            br#"{"metadata":{"resourceVersion":"7"},"items":[{"metadata":{"name":"kubernetes"}}]}"#,
+        )
+        .unwrap();
         assert_eq!((rv.as_str(), objects.len()), ("7", 1));
         let mut apply = |line: &str| apply_event(line.as_bytes(), Api::EndpointSlices, &mut rv, &mut objects);
-        let added = r#"{"type":"ADDED","object":{"metadata":{"name":"b","resourceVersion":"8"}}}"#;
-        assert_eq!(apply(added).unwrap(), Event::Changed);
+        let deleted =
+            r#"{"type":"DELETED","object":{"metadata":{"name":"kubernetes","resourceVersion":"8"}}}"#;
+        assert_eq!(apply(deleted).unwrap(), Event::Changed);
         let bookmark = r#"{"type":"BOOKMARK","object":{"metadata":{"resourceVersion":"9"}}}"#;
         assert_eq!(apply(bookmark).unwrap(), Event::Bookmark);
-        let deleted = r#"{"type":"DELETED","object":{"metadata":{"name":"a","resourceVersion":"10"}}}"#;
-        assert_eq!(apply(deleted).unwrap(), Event::Changed);
+        let added =
+            r#"{"type":"ADDED","object":{"metadata":{"name":"kubernetes","resourceVersion":"10"},"x":1}}"#;
+        assert_eq!(apply(added).unwrap(), Event::Changed);
         assert!(matches!(apply(r#"{"type":"ERROR","object":{"code":410}}"#), Err(End::Expired)));
         assert!(
             matches!(apply(r#"{"type":"ERROR","object":{"code":500,"message":"x"}}"#), Err(End::Error(e)) if e.contains("error 500: x"))
@@ -719,7 +888,119 @@ mod tests {
         );
         assert!(matches!(apply("{not json"), Err(End::Error(e)) if e.contains("unreadable event")));
         assert_eq!(rv, "10");
-        assert_eq!(objects.keys().collect::<Vec<_>>(), ["b"]);
+        assert_eq!(objects.keys().collect::<Vec<_>>(), ["kubernetes"]);
+        assert_eq!(objects["kubernetes"]["x"], 1);
+    }
+
+    fn settings(extra: &str) -> KubernetesDiscovery {
+        let yaml = format!("masters: [10.0.0.1:6443]\ndiscovery:\n  kubernetes:\n{extra}");
+        crate::config::Config::parse(&yaml, "t").unwrap().discovery.kubernetes.unwrap()
+    }
+
+    fn own_slice(addresses: &[&str]) -> serde_json::Value {
+        let endpoints: Vec<_> = addresses.iter().map(|a| serde_json::json!({"addresses": [a]})).collect();
+        serde_json::json!({"metadata": {"name": "kubernetes"}, "addressType": "IPv4",
+                           "endpoints": endpoints, "ports": [{"name": "https", "port": 6443}]})
+    }
+
+    /// The discovered set is decided here, before anything is added to
+    /// HAProxy: these addresses are never dialled by a test.
+    #[test]
+    fn special_addresses_refuse_the_whole_set_unless_explicitly_allowed() {
+        let decide_for = |addrs: &[&str], extra: &str| {
+            let s = own_slice(addrs);
+            decide([&s].into_iter(), Api::EndpointSlices, &settings(extra))
+        };
+        let ok = decide_for(&["10.0.0.1", "10.0.0.2"], "    via: local\n");
+        assert!(matches!(ok, Decision::Use { ref addresses, .. } if addresses.len() == 2), "{ok:?}");
+        for (bad, what) in [
+            ("127.0.0.1", "is loopback"),
+            ("169.254.169.254", "is link-local"),
+            ("0.0.0.0", "is unspecified"),
+            ("224.0.0.1", "is multicast"),
+            ("::1", "is loopback"),
+            ("fe80::1", "is link-local"),
+            ("::ffff:127.0.0.1", "is loopback"),
+        ] {
+            let d = decide_for(&["10.0.0.1", bad], "    via: local\n");
+            assert!(
+                matches!(&d, Decision::Refuse(why) if why.contains("refused the discovered set as a whole") && why.contains(what)),
+                "{bad}: {d:?}"
+            );
+        }
+        // A network inside the range opens it; one around it does not.
+        assert!(matches!(
+            decide_for(&["127.0.0.2"], "    allowed_cidrs: [127.0.0.0/8]\n"),
+            Decision::Use { .. }
+        ));
+        assert!(matches!(
+            decide_for(&["127.0.0.2"], "    allowed_cidrs: [0.0.0.0/0]\n"),
+            Decision::Refuse(_)
+        ));
+        assert!(matches!(
+            decide_for(&["169.254.169.254"], "    allowed_cidrs: [127.0.0.0/8]\n"),
+            Decision::Refuse(_)
+        ));
+    }
+
+    #[test]
+    fn a_set_over_the_cap_is_refused_as_a_whole() {
+        let many: Vec<String> = (1..=17).map(|i| format!("10.0.0.{i}")).collect();
+        let refs: Vec<&str> = many.iter().map(String::as_str).collect();
+        let s = own_slice(&refs);
+        let d = decide([&s].into_iter(), Api::EndpointSlices, &settings("    via: local\n"));
+        assert!(
+            matches!(&d, Decision::Refuse(why) if why.contains("17 masters, more than discovery.kubernetes.max_masters (16)")),
+            "{d:?}"
+        );
+        let d = decide([&s].into_iter(), Api::EndpointSlices, &settings("    max_masters: 17\n"));
+        assert!(matches!(d, Decision::Use { ref addresses, .. } if addresses.len() == 17));
+    }
+
+    #[test]
+    fn only_the_api_servers_own_object_is_kept() {
+        let list = br#"{"metadata":{"resourceVersion":"1"},"items":[{"metadata":{"name":"kubernetes"}},{"metadata":{"name":"evil"}}]}"#;
+        let (mut rv, mut objects) = parse_list(list).unwrap();
+        assert_eq!(objects.keys().collect::<Vec<_>>(), ["kubernetes"]);
+        let foreign = r#"{"type":"ADDED","object":{"metadata":{"name":"evil","resourceVersion":"2"}}}"#;
+        assert_eq!(
+            apply_event(foreign.as_bytes(), Api::EndpointSlices, &mut rv, &mut objects).unwrap(),
+            Event::Bookmark
+        );
+        assert_eq!((rv.as_str(), objects.len()), ("2", 1));
+    }
+
+    #[test]
+    fn api_text_is_escaped_and_bounded() {
+        let (mut rv, mut objects) = (String::new(), BTreeMap::new());
+        let msg = format!("bad\\nINFO forged\\u001b]0;x\\u0007{}", "y".repeat(200_000));
+        let line = format!(r#"{{"type":"ERROR","object":{{"code":500,"message":"{msg}"}}}}"#);
+        let Err(End::Error(e)) = apply_event(line.as_bytes(), Api::EndpointSlices, &mut rv, &mut objects)
+        else {
+            panic!("not an error")
+        };
+        assert!(e.len() < 400, "{}", e.len());
+        assert!(
+            e.contains("bad\\nINFO forged\\u{1b}]0;x\\u{7}") && !e.contains('\n') && !e.contains('\u{1b}'),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_line_splitter_bounds_every_line() {
+        let mut l = LineSplitter::new(8);
+        l.push(b"abc\n\n  \nde").unwrap();
+        assert_eq!(l.next_line().unwrap(), b"abc\n");
+        assert_eq!(l.next_line(), None);
+        l.push(b"fgh").unwrap();
+        assert!(l.push(b"ijkl").is_err(), "an unfinished line past the bound");
+        let mut l = LineSplitter::new(8);
+        assert!(l.push(b"0123456789\n").is_err(), "a whole line past the bound");
+        let mut l = LineSplitter::new(8);
+        l.push(b"01234567\n").unwrap();
+        assert_eq!(l.next_line().unwrap(), b"01234567\n");
+        l.push(b"tail").unwrap();
+        assert_eq!(l.finish().unwrap(), b"tail");
     }
 
     #[test]

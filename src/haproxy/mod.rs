@@ -235,7 +235,7 @@ pub fn write_rendered(rendered: &Rendered, paths: &Paths, config_file: &Path) ->
         // Version line only: "no server state yet", without a warning.
         write(&state, b"1\n")?;
     }
-    write(config_file, rendered.text.as_bytes())
+    write(config_file, rendered.text.expose().as_bytes())
 }
 
 /// What is wrong with a saved server-state file (`show servers state`,

@@ -206,7 +206,7 @@ impl Haproxy {
         };
         let content = String::from_utf8_lossy(&content);
         if let Ok(pid) = content.trim().parse::<u32>()
-            && is_our_master(pid, paths)
+            && is_ours(pid, paths)
         {
             let proc = show_proc_at(&paths.master_socket(), cli::DEFAULT_TIMEOUT).await.ok()?;
             if proc.master_pid != pid {
@@ -231,7 +231,7 @@ impl Haproxy {
             show_proc_at(&paths.master_socket(), cli::DEFAULT_TIMEOUT)
                 .await
                 .ok()
-                .filter(|p| is_our_master(p.master_pid, paths))
+                .filter(|p| is_ours(p.master_pid, paths))
         } else {
             None
         };
@@ -544,9 +544,10 @@ async fn show_proc_at(socket: &Path, limit: Duration) -> Result<ProcInfo, Superv
     Ok(stat::parse_show_proc(&text)?)
 }
 
-/// True when `pid` runs HAProxy with this agent's master socket and config:
-/// guards against a stale pidfile whose pid now belongs to another process.
-fn is_our_master(pid: u32, paths: &Paths) -> bool {
+/// True when `pid` runs HAProxy with this agent's master socket and config
+/// (its master and workers share that command line): guards against a
+/// stale pidfile whose pid now belongs to another process.
+pub fn is_ours(pid: u32, paths: &Paths) -> bool {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
@@ -558,6 +559,39 @@ fn is_our_master(pid: u32, paths: &Paths) -> bool {
         args.windows(2).any(|w| w[0] == flag && (w[1] == value || w[1].starts_with(&format!("{value},"))))
     };
     has("-S", &master) && has("-f", &config)
+}
+
+/// Sends `signal` to `pid` only while it is one of this agent's HAProxy
+/// processes (a master or worker started with these paths), through a
+/// pidfd: a pid remembered from an earlier poll may have been reused by
+/// another process since, and that one is never hit. Returns true when the
+/// signal was sent.
+pub fn signal_if_ours(pid: u32, paths: &Paths, signal: Signal) -> bool {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: a fresh descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // The pidfd pins the process: if the pid named ours when checked after
+    // it was opened, the signal below reaches that very process.
+    if !alive(pid) || !is_ours(pid, paths) {
+        return false;
+    }
+    use std::os::fd::AsRawFd;
+    // SAFETY: pidfd_send_signal with a valid pidfd, a signal number, no
+    // siginfo and no flags.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            signal as libc::c_int,
+            std::ptr::null::<()>(),
+            0,
+        )
+    };
+    rc == 0
 }
 
 /// Watches a process that is not our child through a pidfd.
@@ -602,6 +636,19 @@ mod tests {
     use super::*;
 
     /// Answers as HAProxy 3.0.11 and 3.2.26 printed them.
+    #[test]
+    fn a_recycled_pid_is_not_signalled() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths { runtime_dir: dir.path().join("run"), state_dir: dir.path().join("state") };
+        // Another process, as a recycled pid would be.
+        let mut other = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        assert!(!signal_if_ours(other.id(), &paths, Signal::SIGTERM));
+        assert!(other.try_wait().unwrap().is_none(), "the other process was signalled");
+        other.kill().unwrap();
+        other.wait().unwrap();
+        assert!(!signal_if_ours(other.id(), &paths, Signal::SIGTERM), "a reaped pid");
+    }
+
     #[test]
     fn reads_the_reload_status_of_2_7_and_later() {
         let ok = "Success=1\n--\n[NOTICE]   (22324) : New worker (22331) forked\n\

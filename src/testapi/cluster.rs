@@ -77,6 +77,10 @@ pub struct Cluster {
     counts: Mutex<ClusterCounts>,
     /// When the last change was published, for latency measurements.
     last_change: Mutex<Option<Instant>>,
+    /// While set, a list answers its headers and then never its body (a
+    /// hostile or broken API server); the senders are kept so the bodies
+    /// stay open.
+    stall_lists: Mutex<Option<Vec<mpsc::Sender<Bytes>>>>,
 }
 
 impl Cluster {
@@ -97,6 +101,7 @@ impl Cluster {
             bookmark_every: Duration::from_millis(500),
             counts: Mutex::default(),
             last_change: Mutex::new(None),
+            stall_lists: Mutex::new(None),
         };
         Arc::new(cluster)
     }
@@ -123,6 +128,24 @@ impl Cluster {
         s.compacted = s.rv;
         s.history.clear();
         let _ = self.live.send(Live::Expire);
+    }
+
+    /// Publishes an arbitrary watch event line (what a hostile or broken
+    /// API server might send: a foreign slice, a huge object, an ERROR
+    /// with any message), as the next resourceVersion.
+    pub fn inject(&self, kind: &str, object: serde_json::Value) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.rv += 1;
+        let line = Arc::new(event_line(kind, &object));
+        let rv = s.rv;
+        s.history.push((rv, line.clone()));
+        let _ = self.live.send(Live::Event(rv, line));
+    }
+
+    /// From now on (`true`) or no longer, lists send their headers and
+    /// then stall.
+    pub fn stall_lists(&self, stall: bool) {
+        *self.stall_lists.lock().unwrap_or_else(|e| e.into_inner()) = stall.then(Vec::new);
     }
 
     /// Request counters.
@@ -189,6 +212,11 @@ impl Cluster {
             Some(self.watch(rv, bookmarks, timeout))
         } else {
             self.counts.lock().unwrap_or_else(|e| e.into_inner()).lists += 1;
+            if let Some(held) = self.stall_lists.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                let (tx, rx) = mpsc::channel::<Bytes>(1);
+                held.push(tx);
+                return Some(Response::new(ChannelBody(rx).boxed()));
+            }
             let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
             let kind = if self.slices { "EndpointSliceList" } else { "EndpointsList" };
             let list = serde_json::json!({
