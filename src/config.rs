@@ -1137,9 +1137,11 @@ pub struct HaproxySettings {
     /// Maximum concurrent connections per HAProxy process.
     pub maxconn: u32,
     /// The user HAProxy's workers run as, once they have loaded the config
-    /// and the check's credential (the master stays root to reload them).
-    /// A worker holds every connection of the node: as root, a flaw in it
-    /// would reach the node's credentials. Empty: workers stay root.
+    /// and the check's credential, when apilb runs as root (the master
+    /// stays root to reload them; under apilb.service nothing is root and
+    /// this is not used). A worker holds every connection of the node: as
+    /// root, a flaw in it would reach the node's credentials. Empty:
+    /// workers stay root.
     #[serde(deserialize_with = "deserialize_run_as")]
     pub user: String,
 }

@@ -138,7 +138,10 @@ fn model_inputs_with(config: &Config, (token, password): (&str, &str)) -> Inputs
     let digest = |data: &str| -> String {
         Sha256::digest(data.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
     };
-    let ca = |path: &Path| Verify::Ca { path: path.to_owned(), digest: digest(&path.display().to_string()) };
+    let ca = |path: &Path| {
+        let pem = format!("-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n", path.display());
+        Verify::Ca { path: path.to_owned(), digest: digest(&pem), pem }
+    };
     let client_cert = |path: &Path| {
         let bundle = format!("-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n", path.display());
         Credential::ClientCert {

@@ -104,6 +104,10 @@ pub enum Verify {
         /// SHA-256 of its content, so a changed CA changes the rendered
         /// config and triggers a reload.
         digest: String,
+        /// Its content, as read and validated. HAProxy loads a copy in the
+        /// runtime directory, never `path` itself: under the unit it runs
+        /// without the capability that reads root-only files.
+        pem: String,
     },
     /// Not at all, because the user set `insecure_skip_verify`.
     Insecure,
@@ -199,15 +203,30 @@ impl Inputs {
             Some(auth) => Some(read_password(&auth.password_file)?),
             None => None,
         };
-        Ok(Inputs { check: resolve_check(config)?, stats_password, run_as: run_as(&config.haproxy.user)? })
+        Ok(Inputs {
+            check: resolve_check(config)?,
+            stats_password,
+            run_as: run_as(&config.haproxy.user, &config.haproxy.runtime_dir)?,
+        })
     }
 }
 
 /// Looks `haproxy.user` up. Only root can drop to another user, so an agent
-/// that does not run as root (a developer's, the tests without root) keeps
-/// HAProxy as it is.
-fn run_as(user: &str) -> Result<Option<RunAs>, InputError> {
-    if user.is_empty() || !nix::unistd::geteuid().is_root() {
+/// that does not run as root (apilb.service's, which runs as `apilb`; a
+/// developer's) keeps HAProxy as it is.
+///
+/// Whether the agent runs as root is read from the owner of its runtime
+/// directory, which the agent creates and refuses when it is not its own;
+/// only before the first start is it the caller's own uid. So `apilb
+/// render` and `apilb check`, run as root, render what an agent running
+/// as `apilb` runs, and their hash matches the one it reports.
+fn run_as(user: &str, runtime_dir: &Path) -> Result<Option<RunAs>, InputError> {
+    use std::os::unix::fs::MetadataExt;
+    let agent_is_root = match std::fs::metadata(runtime_dir) {
+        Ok(m) => m.uid() == 0,
+        Err(_) => nix::unistd::geteuid().is_root(),
+    };
+    if user.is_empty() || !agent_is_root {
         return Ok(None);
     }
     let missing =
@@ -234,9 +253,12 @@ fn run_as(user: &str) -> Result<Option<RunAs>, InputError> {
 fn io_err(field: &str, path: &Path, e: std::io::Error) -> InputError {
     let problem = match e.kind() {
         std::io::ErrorKind::NotFound => "no such file".to_owned(),
-        std::io::ErrorKind::PermissionDenied => "permission denied (apilb runs as root under systemd; \
-                                                 check the file's owner and mode)"
-            .to_owned(),
+        std::io::ErrorKind::PermissionDenied => {
+            "permission denied (apilb.service reads files as the apilb user \
+                                                 with CAP_DAC_READ_SEARCH; run by hand, apilb needs root or \
+                                                 the file's owner)"
+                .to_owned()
+        }
         _ => e.to_string(),
     };
     InputError { field: field.to_owned(), path: path.to_owned(), problem }
@@ -267,7 +289,8 @@ fn read_certificates(field: &str, path: &Path) -> Result<Vec<u8>, InputError> {
 /// Reads a CA bundle and checks that it holds at least one certificate.
 fn read_ca(field: &str, path: &Path) -> Result<Verify, InputError> {
     let data = read_certificates(field, path)?;
-    Ok(Verify::Ca { path: path.to_owned(), digest: sha256_hex(&data) })
+    let pem = String::from_utf8(data).map_err(|_| bad(field, path, "is not valid PEM: not UTF-8"))?;
+    Ok(Verify::Ca { path: path.to_owned(), digest: sha256_hex(pem.as_bytes()), pem })
 }
 
 /// Reads a bearer token: one line of visible ASCII.

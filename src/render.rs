@@ -88,6 +88,10 @@ impl Paths {
     pub fn server_state_file(&self) -> PathBuf {
         self.state_dir.join("servers.state")
     }
+    /// Where the copy of the check's CA with this digest is written.
+    pub fn check_ca(&self, digest: &str) -> PathBuf {
+        self.runtime_dir.join(format!("check-ca-{}.pem", &digest[..16]))
+    }
     /// Where a client-certificate bundle with this digest is written.
     pub fn client_bundle(&self, digest: &str) -> PathBuf {
         self.runtime_dir.join(format!("check-client-{}.pem", &digest[..16]))
@@ -114,7 +118,8 @@ impl Paths {
 pub struct AuxFile {
     /// Where it goes.
     pub path: PathBuf,
-    /// Its content (a key is inside, so it is a secret).
+    /// Its content (a client bundle has a key inside, so it is a secret;
+    /// a CA copy is not, but is kept the same way).
     pub contents: Secret,
 }
 
@@ -208,8 +213,9 @@ impl CheckPlan {
             // verifyhost names it too, so verification never depends on
             // which SNI a version picks (3.3 chooses one by itself when
             // none is set).
-            Verify::Ca { path, .. } => {
-                format!("verify required ca-file {} check-sni {sni} verifyhost {sni}", path.display())
+            Verify::Ca { digest, .. } => {
+                let ca = paths.check_ca(digest);
+                format!("verify required ca-file {} check-sni {sni} verifyhost {sni}", ca.display())
             }
             Verify::Insecure | Verify::BootstrapNoCa => format!("verify none check-sni {sni}"),
         };
@@ -324,7 +330,8 @@ pub fn render(config: &Config, inputs: &Inputs, paths: &Paths, features: Feature
     let mut notes =
         vec![format!("check credential: {} ({})", inputs.check.mode_in_use(), inputs.check.source)];
     match &inputs.check.verify {
-        Verify::Ca { path, digest } => {
+        Verify::Ca { path, digest, pem } => {
+            aux_files.push(AuxFile { path: paths.check_ca(digest), contents: Secret::new(pem.clone()) });
             notes.push(format!("check CA: {} sha256:{digest}", path.display()));
         }
         Verify::Insecure => notes.push("check CA: none, verification disabled by config".into()),

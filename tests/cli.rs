@@ -360,19 +360,35 @@ fn check(config: &std::path::Path) -> (Option<i32>, String) {
     )
 }
 
+/// `apilb check` prints the hash the agent reports for the same file, and
+/// the SHA-256 of `apilb render`'s output (secrets redacted) is that hash:
+/// what the Ansible role compares to know apilb runs the file on disk. With
+/// a bearer token, the one secret that is inside haproxy.cfg itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn check_prints_the_hash_the_agent_reports() {
-    let mut env = Env::new(LabOptions::default()).await;
+async fn check_and_render_give_the_hash_the_agent_reports() {
+    use sha2::{Digest, Sha256};
+    let mut env = Env::new(LabOptions { auth: apilb::lab::LabAuth::Bearer, ..LabOptions::default() }).await;
     env.start_agent().await;
     let s = env.wait_all_up().await;
     let config = env.lab.config_path();
-    let (code, out) = tokio::task::spawn_blocking(move || check(&config)).await.unwrap();
+    let (code, out) = tokio::task::spawn_blocking({
+        let config = config.clone();
+        move || check(&config)
+    })
+    .await
+    .unwrap();
     assert_eq!(code, Some(0), "{out}");
     assert!(
         out.contains(&format!("config sha256:{}", &s.config.hash[..12])),
         "status {}: {out}",
         s.config.hash
     );
+    let render = apilb().arg("render").arg("--config").arg(&config).output().unwrap();
+    assert!(render.status.success(), "{}", String::from_utf8_lossy(&render.stderr));
+    let text = String::from_utf8_lossy(&render.stdout);
+    assert!(text.contains("Authorization"), "no bearer header in the render: {text}");
+    let digest: String = Sha256::digest(&render.stdout).iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(digest, s.config.hash, "sha256 of apilb render is not the hash in /status");
 }
 
 #[test]
@@ -479,4 +495,43 @@ async fn a_low_hard_fd_limit_is_met_or_explained_before_haproxy_starts() {
     assert!(served_by(&env).await.is_ok());
     agent.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(agent.wait_exit(Duration::from_secs(10)).is_some_and(|e| e.success()));
+}
+
+/// `apilb render` decides whether HAProxy's workers drop to `haproxy.user`
+/// as the agent would: from the owner of the runtime directory, not from
+/// who runs the command. Run as root for an agent that runs as another
+/// user (apilb.service's `apilb`), it renders no `user` line, so its hash
+/// is the one that agent reports.
+#[test]
+fn render_drops_to_haproxy_user_only_for_an_agent_that_runs_as_root() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = dir.path().join("run");
+    std::fs::create_dir(&runtime).unwrap();
+    std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let cfg = dir.path().join("apilb.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "masters: [10.0.0.1:6443]\nhealth: {{tls: {{insecure_skip_verify: true}}, auth: {{mode: none}}}}\n\
+             haproxy: {{runtime_dir: {}, state_dir: {}, user: daemon}}\n",
+            runtime.display(),
+            dir.path().join("state").display()
+        ),
+    )
+    .unwrap();
+    let render = || {
+        let out = apilb().arg("render").arg("--config").arg(&cfg).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let root = nix::unistd::geteuid().is_root();
+    // Owned by the caller: root drops the workers, anybody else cannot.
+    assert_eq!(render().contains("\n    user daemon\n"), root, "{}", render());
+    if root {
+        // Owned by another user: that user's agent cannot drop root.
+        std::os::unix::fs::chown(&runtime, Some(65534), Some(65534)).unwrap();
+        let text = render();
+        assert!(!text.contains("\n    user "), "{text}");
+    }
 }

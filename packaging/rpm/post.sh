@@ -58,7 +58,15 @@ if config_ready; then
 fi
 if [ -d /run/systemd/system ]; then
     systemctl daemon-reload >/dev/null 2>&1 || true
-    if [ "$1" -ge 2 ] && systemctl --quiet is-active "$UNIT" 2>/dev/null; then
+    pid=$(systemctl show --property=MainPID --value "$UNIT" 2>/dev/null || echo 0)
+    uid=$(awk '/^Uid:/ { print $2 }' "/proc/$pid/status" 2>/dev/null || true)
+    if [ "$1" -ge 2 ] && systemctl --quiet is-active "$UNIT" 2>/dev/null && [ "$pid" != 0 ] && [ "$uid" = 0 ]; then
+        # From a release that ran as root: the new agent (user apilb)
+        # cannot adopt a root HAProxy. One restart, said loudly.
+        log "apilb now runs as the apilb user, not root: restarting it once."
+        log "  The node's connections through its endpoint drop once; later upgrades hand over."
+        systemctl restart "$UNIT" || log "WARNING: apilb did not restart; see journalctl -u apilb"
+    elif [ "$1" -ge 2 ] && systemctl --quiet is-active "$UNIT" 2>/dev/null; then
         handover
     elif [ "$1" -eq 1 ] && [ "$ready" = yes ]; then
         # Conflicts=haproxy.service: a running haproxy.service is stopped

@@ -314,6 +314,38 @@ haproxy_procs() { # HAProxy processes in the container
   in_node sh -c 'grep -lx haproxy /proc/[0-9]*/comm 2>/dev/null | wc -l'
 }
 
+# "uid CapPrm CapEff CapAmb" of each HAProxy process in the container, one per line.
+haproxy_creds() {
+  in_node sh -c 'for c in $(grep -lx haproxy /proc/[0-9]*/comm 2>/dev/null); do
+    d=${c%/comm}; awk '"'"'/^Uid:/ {u=$2} /^CapPrm:/ {p=$2} /^CapEff:/ {e=$2} /^CapAmb:/ {a=$2} END {print u, p, e, a}'"'"' "$d/status"
+  done'
+}
+
+# "uid CapPrm CapEff CapAmb" of the agent (the unit's main process).
+agent_creds() {
+  in_node awk '/^Uid:/ {u=$2} /^CapPrm:/ {p=$2} /^CapEff:/ {e=$2} /^CapAmb:/ {a=$2} END {print u, p, e, a}' \
+    "/proc/$(prop MainPID)/status"
+}
+
+# Fails unless the agent runs as apilb with CAP_DAC_READ_SEARCH alone, and
+# every HAProxy process as apilb with no capability.
+unprivileged() { # what
+  local uid agent line n=0
+  uid=$(in_node id -u apilb) || fail "$1: no apilb user"
+  agent=$(agent_creds)
+  # CAP_DAC_READ_SEARCH is capability 2: mask 0x4.
+  [ "$agent" = "$uid 0000000000000004 0000000000000004 0000000000000004" ] \
+    || fail "$1: the agent runs with uid/CapPrm/CapEff/CapAmb $agent (want $uid and CAP_DAC_READ_SEARCH alone)"
+  while read -r line; do
+    [ -n "$line" ] || continue
+    n=$((n + 1))
+    [ "$line" = "$uid 0000000000000000 0000000000000000 0000000000000000" ] \
+      || fail "$1: an HAProxy process runs with uid/CapPrm/CapEff/CapAmb $line (want $uid, no capability)"
+  done < <(haproxy_creds)
+  [ "$n" -ge 2 ] || fail "$1: $n HAProxy processes (want a master and a worker)"
+  echo "agent uid $uid with CAP_DAC_READ_SEARCH, $n HAProxy processes uid $uid without capabilities"
+}
+
 probe() { # what
   local out
   out=$("$node_lab" probe --lab "$lab" 2>&1) || fail "$1: the endpoint did not serve: $out"

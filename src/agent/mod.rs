@@ -831,7 +831,8 @@ impl Agent {
         self.last_error = Some(message);
     }
 
-    /// Deletes client bundles that no config in effect refers to.
+    /// Deletes client bundles and CA copies that no config in effect
+    /// refers to.
     fn remove_unused_files(&self) {
         let keep: Vec<PathBuf> =
             self.applied.loaded.rendered.aux_files.iter().map(|a| a.path.clone()).collect();
@@ -840,7 +841,8 @@ impl Agent {
         };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with("check-client-") && name.ends_with(".pem") && !keep.contains(&e.path()) {
+            let ours = name.starts_with("check-client-") || name.starts_with("check-ca-");
+            if ours && name.ends_with(".pem") && !keep.contains(&e.path()) {
                 let _ = std::fs::remove_file(e.path());
             }
         }

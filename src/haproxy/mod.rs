@@ -146,17 +146,19 @@ impl Binary {
     }
 
     async fn output(&self, args: &[&std::ffi::OsStr]) -> Result<std::process::Output, BinaryError> {
-        Command::new(&self.path)
-            .args(args)
+        let mut cmd = Command::new(&self.path);
+        cmd.args(args)
             // HAProxy resolves relative paths against its working directory,
             // and fails when that directory was deleted: never inherit one.
             .current_dir("/")
             .stdin(Stdio::null())
             .env_remove("NOTIFY_SOCKET")
-            .kill_on_drop(true)
-            .output()
-            .await
-            .map_err(|source| BinaryError::Spawn { binary: self.path.clone(), source })
+            .kill_on_drop(true);
+        // SAFETY: between fork and exec; see clear_ambient_capabilities.
+        unsafe {
+            cmd.pre_exec(|| clear_ambient_capabilities());
+        }
+        cmd.output().await.map_err(|source| BinaryError::Spawn { binary: self.path.clone(), source })
     }
 
     /// `haproxy -v`, checked against [`MIN_VERSION`].
@@ -218,6 +220,28 @@ impl Binary {
 
 /// Writes the config text and its auxiliary files (0600, atomically), and
 /// seeds an empty server-state file so HAProxy has one to load.
+/// Clears the ambient capabilities a child would inherit, in the child
+/// between fork and exec. Under the unit, apilb runs as the `apilb` user
+/// with the ambient `CAP_DAC_READ_SEARCH` it needs to read the node's
+/// kubelet credential (root-owned, 0600); HAProxy reads only the copies
+/// apilb writes to its runtime directory, so it starts with no capability
+/// at all, and a compromised worker cannot read other users' files.
+///
+/// # Safety
+///
+/// Call only between fork and exec (`pre_exec`): `prctl` is
+/// async-signal-safe.
+pub unsafe fn clear_ambient_capabilities() -> std::io::Result<()> {
+    // SAFETY: plain syscall with integer arguments.
+    let rc = unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) };
+    // EINVAL: a kernel without ambient capabilities (before 4.3) has none to clear.
+    if rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 pub fn write_rendered(rendered: &Rendered, paths: &Paths, config_file: &Path) -> Result<(), BinaryError> {
     let write = |path: &Path, data: &[u8]| {
         if let Some(dir) = path.parent() {

@@ -291,11 +291,15 @@ impl Haproxy {
             .stderr(Stdio::from(stderr))
             // HAProxy must outlive apilb: never killed with the handle.
             .kill_on_drop(false);
-        // SAFETY: setsid() is async-signal-safe; it detaches HAProxy from
-        // apilb's session and terminal, so Ctrl-C or a terminal hang-up
-        // aimed at apilb does not reach the data plane.
+        // SAFETY: setsid() and prctl() are async-signal-safe. setsid
+        // detaches HAProxy from apilb's session and terminal, so Ctrl-C or
+        // a terminal hang-up aimed at apilb does not reach the data plane;
+        // HAProxy gets none of apilb's ambient capabilities.
         unsafe {
-            cmd.pre_exec(|| nix::unistd::setsid().map(drop).map_err(io::Error::from));
+            cmd.pre_exec(|| {
+                nix::unistd::setsid().map_err(io::Error::from)?;
+                super::clear_ambient_capabilities()
+            });
         }
         let mut child =
             cmd.spawn().map_err(|source| SupervisorError::Spawn { binary: binary.path.clone(), source })?;
