@@ -18,8 +18,9 @@
 //! 1. while both nodes are healthy, no alert is pending or firing at any
 //!    evaluation (`ALERTS` over the whole healthy window, and the alerts API);
 //! 2. each alert of the rules fires in its scenario and clears once the
-//!    problem is gone: every master down (`ApilbNoHealthyMaster`, through
-//!    the fail-open path), one master down (`ApilbMastersDegraded`), a
+//!    problem is gone: every master down (`ApilbNoHealthyMaster`; the
+//!    node's failed connections, through the fail-open path, reach the
+//!    dashboard's connection-errors panel), one master down (`ApilbMastersDegraded`), a
 //!    master whose /readyz flips (`ApilbMasterFlapping`), a lasting invalid
 //!    apilb.yaml (`ApilbReloadsFailing`: still firing evaluations later,
 //!    quiet once fixed), auth mode `auto` before the node's certificate
@@ -602,6 +603,15 @@ async fn alerts_and_dashboard_on_a_real_prometheus() {
         .await;
     for _ in 0..3 {
         assert!(served_by(&a).await.is_err(), "every master is down");
+    }
+    // The dashboard's panel shows them (errors on the fail-open twins are
+    // the masters' errors too).
+    let errors =
+        format!("sum by (master) (rate(apilb_master_connection_errors_total{{instance=\"{ia}\"}}[1m])) > 0");
+    let start = tokio::time::Instant::now();
+    while prom.query(&errors).await.map_or(true, |r| r.is_empty()) {
+        assert!(start.elapsed() < LIMIT, "no connection errors in Prometheus: {errors}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
     for s in &a.lab.servers {
         s.restart().await.unwrap();
