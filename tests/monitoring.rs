@@ -357,3 +357,39 @@ async fn a_lasting_refusal_stays_visible_until_fixed() {
     })
     .await;
 }
+
+/// A change written while HAProxy's master is frozen is applied once it
+/// answers again. Before, the reload tried against the frozen master timed
+/// out and the change was refused for good: `apilb_config_not_applied`
+/// (and ApilbReloadsFailing) stayed up until someone touched apilb.yaml
+/// again (found by tests/prometheus.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_made_while_haproxy_is_frozen_is_applied_when_it_answers() {
+    let mut env = Env::new(LabOptions::default()).await;
+    env.start_agent().await;
+    let before = env.wait_all_up().await.config.hash;
+    let pid = env.haproxy_pid().unwrap();
+    let _resume = Continue(pid);
+    signal(pid, nix::sys::signal::Signal::SIGSTOP);
+    env.wait_status(Duration::from_secs(15), "HAProxy seen down", |s| !s.haproxy.running).await;
+    env.lab.health.timeout = "2s".into();
+    env.lab.write_config(&env.lab.config_yaml("")).unwrap();
+    // Long enough for the agent to read the file twice (once a second),
+    // which is when it applies a change, and for a reload tried against
+    // the frozen master to give up (5 s).
+    let mut status = env.agent().status();
+    status.borrow_and_update();
+    for _ in 0..8 {
+        tokio::time::timeout(Duration::from_secs(10), status.changed())
+            .await
+            .expect("status updates while HAProxy is frozen")
+            .unwrap();
+    }
+    signal(pid, nix::sys::signal::Signal::SIGCONT);
+    env.wait_status(Duration::from_secs(30), "the change applied", |s| {
+        s.haproxy.running && s.config.hash != before && s.config.pending_error.is_none()
+    })
+    .await;
+    let metrics = http_get(env.agent().metrics_addr(), "/metrics").await.1;
+    assert_eq!(sum_of(&metrics, "apilb_config_not_applied{"), 0.0, "{metrics}");
+}

@@ -618,8 +618,13 @@ impl Agent {
                         self.clear_error();
                     }
                 } else if self.candidate.as_deref() == Some(&hash) {
-                    self.candidate = None;
-                    self.apply(loaded, "configuration or referenced files changed").await;
+                    // HAProxy runs but did not answer its last poll (frozen,
+                    // overloaded): a reload would only wait for it and hold
+                    // the loop up. The change is applied once it answers.
+                    if self.haproxy.is_none() || self.status.haproxy.running {
+                        self.candidate = None;
+                        self.apply(loaded, "configuration or referenced files changed").await;
+                    }
                 } else {
                     self.candidate = Some(hash);
                 }
@@ -703,15 +708,20 @@ impl Agent {
                     tracing::error!(error = %re, "cannot restore the previous haproxy.cfg");
                 }
                 self.output.set_redactor(self.running.redactor.clone());
-                // A busy master refused nothing: the change is retried.
-                if !matches!(e, ReloadError::Busy) {
+                // A busy master refused nothing, and one that did not
+                // answer (frozen, overloaded) said nothing about the
+                // config: the change is retried (once it answers again,
+                // see watch_config) and stays reported until applied. A
+                // refused or unconfirmed one waits for the next change.
+                let unanswered = matches!(e, ReloadError::Supervisor(_));
+                if !matches!(e, ReloadError::Busy) && !unanswered {
                     self.refused_hash = Some(loaded.rendered.fingerprint.clone());
                 }
                 let result = match e {
                     ReloadError::Refused { .. } => "refused",
                     _ => "failed",
                 };
-                self.refuse(result, e.to_string(), true);
+                self.refuse(result, e.to_string(), !unanswered);
             }
         }
     }
