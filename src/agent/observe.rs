@@ -126,24 +126,29 @@ impl Agent {
             }
             if let Some(row) = row {
                 let state = row.state();
+                let name = m.name.as_str();
+                let check_code = match row.check_code {
+                    None if row.check_in_progress => self.check_codes.get(name).copied().flatten(),
+                    code => code,
+                };
+                self.check_codes.insert(name.to_owned(), check_code);
                 ms.state = state.as_str().into();
                 ms.check_status = row.check_status.clone();
                 ms.check_desc = row.check_desc.clone();
-                ms.check_code = row.check_code;
+                ms.check_code = check_code;
                 ms.check_info = row.last_check.clone();
                 ms.check_duration_ms = row.check_duration_ms;
                 ms.since_change_s = row.last_change_s;
                 ms.sessions = row.sessions;
                 ms.connect_errors = row.connect_errors + twin.map_or(0, |t| t.connect_errors);
 
-                let name = m.name.as_str();
                 self.metrics.set_state(name, Some(state));
                 let prev_check = self.check_statuses.insert(name.to_owned(), row.check_status.clone());
                 self.metrics.set_check_status(name, prev_check.as_deref(), &row.check_status);
                 self.metrics
                     .master_check_http_code
                     .with_label_values(&[name])
-                    .set(i64::from(row.check_code.unwrap_or(0)));
+                    .set(i64::from(check_code.unwrap_or(0)));
                 self.metrics
                     .master_check_duration_seconds
                     .with_label_values(&[name])
