@@ -250,7 +250,7 @@ struct Agent {
     states: HashMap<String, ServerState>,
     check_statuses: HashMap<String, String>,
     /// Each master's last known check HTTP code, kept while a check runs
-    /// (HAProxy 3.2 reports 0 then).
+    /// (HAProxy reports 0 then).
     check_codes: HashMap<String, Option<u16>>,
     /// Seeds, persisted and discovered masters: what the set is made of.
     sources: Sources,

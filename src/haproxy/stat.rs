@@ -200,11 +200,11 @@ pub struct ServerStat {
     /// Check status code without the in-progress marker, e.g. "L7OK".
     pub check_status: String,
     /// HTTP status of the last check, when it got one. `None` while a
-    /// check runs on 3.2 ("* L7OK" with code 0): see `check_in_progress`.
+    /// check runs ("* L7OK" with code 0): see `check_in_progress`.
     pub check_code: Option<u16>,
-    /// A check is running: HAProxy marks the status with "* ", and 3.2
-    /// then reports code 0 although the last check got an HTTP answer
-    /// (measured on 3.2.26: about 1 in 100 polls at a 200 ms interval).
+    /// A check is running: HAProxy marks the status with "* ", and then
+    /// reports code 0 although the last check got an HTTP answer (measured
+    /// on 2.6.12 and 3.2.26: 1 to 2 in 100 polls at a 200 ms interval).
     pub check_in_progress: bool,
     /// Duration of the last check, milliseconds.
     pub check_duration_ms: Option<u64>,
@@ -419,8 +419,8 @@ mod tests {
         }
     }
 
-    /// HAProxy 3.2 while a check runs: "* L7OK" with code 0 (measured on
-    /// 3.2.26). The code is unknown then, not 0.
+    /// HAProxy while a check runs: "* L7OK" with code 0 (measured on 2.6.12
+    /// and 3.2.26). The code is unknown then, not 0.
     #[test]
     fn a_running_check_has_no_code() {
         let text = "# pxname,svname,status,type,check_status,check_code,\n\
