@@ -249,9 +249,6 @@ struct Agent {
     heartbeat: Arc<AtomicU64>,
     states: HashMap<String, ServerState>,
     check_statuses: HashMap<String, String>,
-    /// Each master's last known check HTTP code, kept while a check runs
-    /// (HAProxy reports 0 then).
-    check_codes: HashMap<String, Option<u16>>,
     /// Seeds, persisted and discovered masters: what the set is made of.
     sources: Sources,
     /// The discovery watcher, when configured.
@@ -411,7 +408,6 @@ pub async fn start(opts: Options) -> Result<Handle, AgentError> {
         heartbeat: heartbeat.clone(),
         states: HashMap::new(),
         check_statuses: HashMap::new(),
-        check_codes: HashMap::new(),
         sources,
         discovery: None,
         discovery_rx: None,
@@ -790,7 +786,6 @@ impl Agent {
         let known: Vec<String> = masters.iter().map(|m| m.name.clone()).collect();
         for gone in self.states.keys().filter(|n| !known.contains(n)).cloned().collect::<Vec<_>>() {
             let last_check = self.check_statuses.remove(&gone);
-            self.check_codes.remove(&gone);
             self.metrics.forget_master(&gone, last_check.as_deref());
             self.states.remove(&gone);
         }

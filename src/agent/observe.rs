@@ -127,11 +127,14 @@ impl Agent {
             if let Some(row) = row {
                 let state = row.state();
                 let name = m.name.as_str();
+                // While a check runs HAProxy reports no code: the last
+                // poll's stands.
                 let check_code = match row.check_code {
-                    None if row.check_in_progress => self.check_codes.get(name).copied().flatten(),
+                    None if row.check_in_progress => {
+                        self.status.masters.iter().find(|p| p.name == m.name).and_then(|p| p.check_code)
+                    }
                     code => code,
                 };
-                self.check_codes.insert(name.to_owned(), check_code);
                 ms.state = state.as_str().into();
                 ms.check_status = row.check_status.clone();
                 ms.check_desc = row.check_desc.clone();
