@@ -253,12 +253,11 @@ fn run_as(user: &str, runtime_dir: &Path) -> Result<Option<RunAs>, InputError> {
 fn io_err(field: &str, path: &Path, e: std::io::Error) -> InputError {
     let problem = match e.kind() {
         std::io::ErrorKind::NotFound => "no such file".to_owned(),
-        std::io::ErrorKind::PermissionDenied => {
-            "permission denied (apilb.service reads files as the apilb user \
-                                                 with CAP_DAC_READ_SEARCH; run by hand, apilb needs root or \
-                                                 the file's owner)"
-                .to_owned()
-        }
+        std::io::ErrorKind::PermissionDenied => concat!(
+            "permission denied (apilb.service reads files as the apilb user with CAP_DAC_READ_SEARCH; ",
+            "run by hand, apilb needs root or the file's owner)"
+        )
+        .to_owned(),
         _ => e.to_string(),
     };
     InputError { field: field.to_owned(), path: path.to_owned(), problem }
