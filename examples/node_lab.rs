@@ -289,14 +289,7 @@ impl PacedLoad {
         let mut total = LoadReport::default();
         for t in self.tasks {
             if let Ok(r) = t.await {
-                total.ok += r.ok;
-                total.failed += r.failed;
-                total.errors.extend(r.errors);
-                total.failures.extend(r.failures);
-                total.successes.extend(r.successes);
-                for (k, v) in r.by_server {
-                    *total.by_server.entry(k).or_default() += v;
-                }
+                total.merge(r);
             }
         }
         total

@@ -54,6 +54,11 @@ pub struct Paths {
     pub state_dir: PathBuf,
 }
 
+/// The name prefix of [`Paths::check_ca`]'s files.
+const CHECK_CA_PREFIX: &str = "check-ca-";
+/// The name prefix of [`Paths::client_bundle`]'s files.
+const CLIENT_BUNDLE_PREFIX: &str = "check-client-";
+
 impl Paths {
     /// The directories named in the config.
     pub fn from_config(config: &Config) -> Self {
@@ -90,11 +95,19 @@ impl Paths {
     }
     /// Where the copy of the check's CA with this digest is written.
     pub fn check_ca(&self, digest: &str) -> PathBuf {
-        self.runtime_dir.join(format!("check-ca-{}.pem", &digest[..16]))
+        self.check_file(CHECK_CA_PREFIX, digest)
     }
     /// Where a client-certificate bundle with this digest is written.
     pub fn client_bundle(&self, digest: &str) -> PathBuf {
-        self.runtime_dir.join(format!("check-client-{}.pem", &digest[..16]))
+        self.check_file(CLIENT_BUNDLE_PREFIX, digest)
+    }
+    fn check_file(&self, prefix: &str, digest: &str) -> PathBuf {
+        self.runtime_dir.join(format!("{prefix}{}.pem", &digest[..16]))
+    }
+    /// Whether a file name in the runtime directory is one of
+    /// [`Paths::check_ca`] or [`Paths::client_bundle`].
+    pub fn is_check_file(name: &str) -> bool {
+        [CHECK_CA_PREFIX, CLIENT_BUNDLE_PREFIX].iter().any(|p| name.starts_with(p)) && name.ends_with(".pem")
     }
     /// A rendered config being validated, before it is renamed over
     /// [`Paths::config_file`].

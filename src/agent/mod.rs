@@ -851,8 +851,7 @@ impl Agent {
         };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            let ours = name.starts_with("check-client-") || name.starts_with("check-ca-");
-            if ours && name.ends_with(".pem") && !keep.contains(&e.path()) {
+            if Paths::is_check_file(&name) && !keep.contains(&e.path()) {
                 let _ = std::fs::remove_file(e.path());
             }
         }

@@ -704,6 +704,18 @@ pub struct Success {
 }
 
 impl LoadReport {
+    /// Adds another client's report to this one.
+    pub fn merge(&mut self, r: LoadReport) {
+        self.ok += r.ok;
+        self.failed += r.failed;
+        self.errors.extend(r.errors);
+        self.failures.extend(r.failures);
+        self.successes.extend(r.successes);
+        for (k, v) in r.by_server {
+            *self.by_server.entry(k).or_default() += v;
+        }
+    }
+
     /// Failures of attempts that started at or after `t`.
     pub fn failed_since(&self, t: Instant) -> Vec<&Failure> {
         self.failures.iter().filter(|f| f.started >= t).collect()
@@ -798,14 +810,7 @@ impl Load {
         let mut total = LoadReport::default();
         for t in self.tasks {
             if let Ok(r) = t.await {
-                total.ok += r.ok;
-                total.failed += r.failed;
-                total.errors.extend(r.errors);
-                total.failures.extend(r.failures);
-                total.successes.extend(r.successes);
-                for (k, v) in r.by_server {
-                    *total.by_server.entry(k).or_default() += v;
-                }
+                total.merge(r);
             }
         }
         total
