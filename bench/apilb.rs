@@ -37,8 +37,15 @@ use apilb::agent::{self, Control};
 use apilb::config::Config;
 use apilb::inputs::Inputs;
 use apilb::lab::{ClusterKind, Lab, LabOptions, loopback};
-use apilb::render::{Features, Paths, render};
+use apilb::layout::Paths;
+use apilb::render::{Features, render};
 use apilb::testapi::Session;
+
+/// The runtime layout of a lab's agent: its config puts the runtime and
+/// state directories under the lab directory.
+fn layout(lab: &Lab) -> Paths {
+    Paths::under(&lab.path(""))
+}
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
@@ -130,7 +137,7 @@ async fn bench_discovery() {
         let eps: Vec<_> = current.iter().map(|j| (loopback(*j), true)).collect();
         let event = cluster.set_endpoints(&eps);
         let name = format!("127.0.0.{i}");
-        let sock = lab.path("run/haproxy.sock");
+        let sock = layout(&lab).stats_socket();
         let mut seen = None;
         loop {
             let text = apilb::haproxy::cli::command(&sock, "show stat", Duration::from_secs(2))
@@ -163,7 +170,7 @@ async fn bench_restart() {
     let tls = lab.client_tls().expect("tls");
     let mut times = Vec::new();
     for _ in 0..5 {
-        let pid: i32 = std::fs::read_to_string(lab.path("run/haproxy.pid"))
+        let pid: i32 = std::fs::read_to_string(layout(&lab).pidfile())
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0);

@@ -17,9 +17,12 @@ use std::time::Duration;
 
 use apilb::haproxy::{cli, stat};
 use apilb::lab::Lab;
+use apilb::layout::Paths;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::time::Instant;
+
+use crate::layout;
 
 /// `PATH` with /usr/sbin, where Debian puts haproxy and nginx.
 pub fn path_env() -> String {
@@ -87,7 +90,8 @@ pub struct Apilb {
     /// The frontend.
     pub addr: SocketAddr,
     config: PathBuf,
-    run_dir: PathBuf,
+    /// Where its files are (the HAProxy master's pidfile).
+    paths: Paths,
     log: PathBuf,
 }
 
@@ -106,10 +110,9 @@ impl Apilb {
             .stderr(file)
             .spawn()
             .map_err(|e| format!("cannot start apilb: {e}"))?;
-        let mut lb =
-            Apilb { child, addr: lab.listen, config: lab.config_path(), run_dir: lab.path("run"), log };
+        let mut lb = Apilb { child, addr: lab.listen, config: lab.config_path(), paths: layout(lab), log };
         let n = lab.servers.len();
-        let sock = lab.path("run/haproxy.sock");
+        let sock = layout(lab).stats_socket();
         let up = poll(Duration::from_secs(30), "apilb serving", || {
             let exited = lb.child.try_wait().ok().flatten().is_some();
             let sock = sock.clone();
@@ -138,7 +141,7 @@ impl Apilb {
 
     /// The HAProxy master's pid.
     pub fn haproxy_pid(&self) -> Option<u32> {
-        std::fs::read_to_string(self.run_dir.join("haproxy.pid")).ok()?.trim().parse().ok()
+        std::fs::read_to_string(self.paths.pidfile()).ok()?.trim().parse().ok()
     }
 
     /// Its log.

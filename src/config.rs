@@ -32,9 +32,6 @@ pub const CONFIG_ENV: &str = "APILB_CONFIG";
 /// Longest path a unix socket may have (`sun_path` is 108 bytes with the NUL).
 const MAX_UNIX_SOCKET_PATH: usize = 107;
 
-/// The longest socket name apilb puts in the runtime directory.
-const LONGEST_SOCKET_NAME: &str = "/master.sock";
-
 /// Everything that can be wrong with a configuration file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -445,7 +442,8 @@ impl Config {
                 return Err((field.into(), format!("{} must be an absolute path", dir.display())));
             }
         }
-        let longest = self.haproxy.runtime_dir.as_os_str().len() + LONGEST_SOCKET_NAME.len();
+        let longest =
+            self.haproxy.runtime_dir.as_os_str().len() + crate::layout::Paths::master_socket_name_len();
         if longest > MAX_UNIX_SOCKET_PATH {
             return Err((
                 "haproxy.runtime_dir".into(),

@@ -17,6 +17,7 @@ pub mod haproxy;
 pub mod http;
 pub mod inputs;
 pub mod lab;
+pub mod layout;
 pub mod manual;
 pub mod masters;
 pub mod metrics;
@@ -57,11 +58,11 @@ pub struct Loaded {
 /// and an HAProxy with `features`.
 pub fn load(
     path: &Path,
-    paths: Option<&render::Paths>,
+    paths: Option<&layout::Paths>,
     features: render::Features,
 ) -> Result<Loaded, LoadError> {
     let (config, inputs) = load_parts(path)?;
-    let paths = paths.cloned().unwrap_or_else(|| render::Paths::from_config(&config));
+    let paths = paths.cloned().unwrap_or_else(|| layout::Paths::from_config(&config));
     Ok(assemble(config, inputs, &paths, features))
 }
 
@@ -78,7 +79,7 @@ pub fn load_parts(path: &Path) -> Result<(config::Config, inputs::Inputs), LoadE
 pub fn assemble(
     config: config::Config,
     inputs: inputs::Inputs,
-    paths: &render::Paths,
+    paths: &layout::Paths,
     features: render::Features,
 ) -> Loaded {
     let rendered = render::render(&config, &inputs, paths, features);

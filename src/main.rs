@@ -8,8 +8,9 @@ use std::time::Duration;
 use apilb::agent::{self, Control, Exit};
 use apilb::config::{CONFIG_ENV, Config, DEFAULT_CONFIG_PATH};
 use apilb::haproxy::{Binary, BinaryError};
+use apilb::layout::Paths;
 use apilb::render::Features;
-use apilb::{render, status_client};
+use apilb::status_client;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -234,7 +235,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
                     Features::default()
                 }
             };
-            let paths = render::Paths::from_config(&config);
+            let paths = Paths::from_config(&config);
             let loaded = apilb::assemble(config, inputs, &paths, features);
             let text = if show_secrets {
                 loaded.rendered.text.expose().to_owned()
@@ -381,7 +382,7 @@ async fn reload(path: &Path, pid: Option<i32>, timeout: Duration) -> Result<(), 
     let pid = match pid {
         Some(p) => p,
         None => {
-            let file = render::Paths::from_config(&config).agent_pidfile();
+            let file = Paths::from_config(&config).agent_pidfile();
             std::fs::read_to_string(&file).ok().and_then(|s| s.trim().parse().ok()).ok_or_else(|| {
                 (EXIT_FAILURE, format!("cannot read the agent's pid from {}; pass --pid", file.display()))
             })?
@@ -424,21 +425,17 @@ async fn check(path: &Path) -> Result<(), Failure> {
         .prefix("apilb-check-")
         .tempdir()
         .map_err(|e| (EXIT_FAILURE, format!("cannot create a scratch directory: {e}")))?;
-    let paths = render::scratch_paths(scratch.path());
+    let paths = Paths::under(scratch.path());
     let (config, inputs) = apilb::load_parts(path).map_err(config_error)?;
     let binary = Binary::new(&config.haproxy.binary);
     let version = binary.version().await.map_err(|e| (EXIT_FAILURE, e.to_string()))?;
     // The hash the agent reports: rendered with the config's own paths.
     // (The file validated below has scratch paths, so it differs.)
-    let hash = apilb::assemble(
-        config.clone(),
-        inputs.clone(),
-        &render::Paths::from_config(&config),
-        version.features(),
-    )
-    .rendered
-    .short_hash()
-    .to_owned();
+    let hash =
+        apilb::assemble(config.clone(), inputs.clone(), &Paths::from_config(&config), version.features())
+            .rendered
+            .short_hash()
+            .to_owned();
     let kubeconfig_note = check_discovery_kubeconfig(&config)?;
     let loaded = apilb::assemble(config, inputs, &paths, version.features());
     let warnings =

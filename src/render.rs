@@ -9,13 +9,16 @@
 //! the template and any runtime `add server` use exactly the same check.
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use askama::Template;
 use sha2::{Digest, Sha256};
 
 use crate::config::{Balance, Config, Master};
 use crate::inputs::{Credential, Inputs, Secret, Verify};
+/// Kept for src/fuzzing.rs, which is moving to its own crate; new code
+/// names [`crate::layout::Paths`].
+pub use crate::layout::Paths;
 
 /// Name of the HAProxy backend holding the masters.
 pub const BACKEND: &str = "masters";
@@ -42,86 +45,6 @@ impl Default for Features {
     /// What HAProxy 2.6, the oldest version supported, handles.
     fn default() -> Self {
         Features { shutdown_sessions_on_mark_down: true }
-    }
-}
-
-/// Files apilb keeps in the runtime and state directories.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Paths {
-    /// Runtime directory (sockets, pidfile, rendered config).
-    pub runtime_dir: PathBuf,
-    /// State directory (server state across reloads).
-    pub state_dir: PathBuf,
-}
-
-/// The name prefix of [`Paths::check_ca`]'s files.
-const CHECK_CA_PREFIX: &str = "check-ca-";
-/// The name prefix of [`Paths::client_bundle`]'s files.
-const CLIENT_BUNDLE_PREFIX: &str = "check-client-";
-
-impl Paths {
-    /// The directories named in the config.
-    pub fn from_config(config: &Config) -> Self {
-        Paths { runtime_dir: config.haproxy.runtime_dir.clone(), state_dir: config.haproxy.state_dir.clone() }
-    }
-    /// The haproxy.cfg HAProxy runs.
-    pub fn config_file(&self) -> PathBuf {
-        self.runtime_dir.join("haproxy.cfg")
-    }
-    /// The master CLI socket (`-S`).
-    pub fn master_socket(&self) -> PathBuf {
-        self.runtime_dir.join("master.sock")
-    }
-    /// The worker's admin stats socket (runtime API).
-    pub fn stats_socket(&self) -> PathBuf {
-        self.runtime_dir.join("haproxy.sock")
-    }
-    /// The master's pidfile (`-p`).
-    pub fn pidfile(&self) -> PathBuf {
-        self.runtime_dir.join("haproxy.pid")
-    }
-    /// The FIFO that carries HAProxy's stdout and stderr to apilb. A FIFO,
-    /// not a pipe: a restarted apilb reopens it and keeps reading.
-    pub fn output_fifo(&self) -> PathBuf {
-        self.runtime_dir.join("haproxy.out")
-    }
-    /// The last applied master set (with discovery), for the next start.
-    pub fn masters_file(&self) -> PathBuf {
-        self.state_dir.join("masters.json")
-    }
-    /// The server state HAProxy reloads with (`server-state-file`).
-    pub fn server_state_file(&self) -> PathBuf {
-        self.state_dir.join("servers.state")
-    }
-    /// Where the copy of the check's CA with this digest is written.
-    pub fn check_ca(&self, digest: &str) -> PathBuf {
-        self.check_file(CHECK_CA_PREFIX, digest)
-    }
-    /// Where a client-certificate bundle with this digest is written.
-    pub fn client_bundle(&self, digest: &str) -> PathBuf {
-        self.check_file(CLIENT_BUNDLE_PREFIX, digest)
-    }
-    fn check_file(&self, prefix: &str, digest: &str) -> PathBuf {
-        self.runtime_dir.join(format!("{prefix}{}.pem", &digest[..16]))
-    }
-    /// Whether a file name in the runtime directory is one of
-    /// [`Paths::check_ca`] or [`Paths::client_bundle`].
-    pub fn is_check_file(name: &str) -> bool {
-        [CHECK_CA_PREFIX, CLIENT_BUNDLE_PREFIX].iter().any(|p| name.starts_with(p)) && name.ends_with(".pem")
-    }
-    /// A rendered config being validated, before it is renamed over
-    /// [`Paths::config_file`].
-    pub fn staging_config(&self) -> PathBuf {
-        self.runtime_dir.join("haproxy.cfg.next")
-    }
-    /// The hash of the config HAProxy runs, so the next agent knows what
-    /// it adopts.
-    pub fn applied_marker(&self) -> PathBuf {
-        self.runtime_dir.join("applied.sha256")
-    }
-    /// The agent's own pid, for `apilb reload` and operators.
-    pub fn agent_pidfile(&self) -> PathBuf {
-        self.runtime_dir.join("apilb.pid")
     }
 }
 
@@ -453,12 +376,6 @@ pub fn render(config: &Config, inputs: &Inputs, paths: &Paths, features: Feature
     // cannot be used to test guesses of a token or a password offline.
     let hash = hex(redactor.redact(&text).as_bytes());
     Rendered { text: Secret::new(text), hash, fingerprint, aux_files, redactor, features }
-}
-
-/// Renders for validation only: same config, but every file HAProxy would
-/// read or bind lives under `scratch` instead of the real directories.
-pub fn scratch_paths(scratch: &Path) -> Paths {
-    Paths { runtime_dir: scratch.join("run"), state_dir: scratch.join("state") }
 }
 
 /// Check interval while a master is changing state (after one failed or

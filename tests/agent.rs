@@ -35,7 +35,7 @@ async fn starts_serves_and_stops() {
 
     assert_eq!(env.stop_agent().await, Exit::Stopped);
     assert!(!alive(pid), "HAProxy still runs after a graceful stop");
-    assert!(!env.lab.path("run/haproxy.pid").exists());
+    assert!(!layout(&env.lab).pidfile().exists());
     assert!(s.wait_closed(Duration::from_secs(5)).await, "connections end with HAProxy");
 }
 
@@ -97,7 +97,7 @@ async fn an_invalid_config_is_refused_and_the_old_one_keeps_serving() {
     env.start_agent().await;
     let before = env.wait_all_up().await;
     let worker = before.haproxy.workers.clone();
-    let good = std::fs::read_to_string(env.lab.path("run/haproxy.cfg")).unwrap();
+    let good = std::fs::read_to_string(layout(&env.lab).config_file()).unwrap();
 
     // 1. Broken YAML.
     let good_yaml = std::fs::read_to_string(env.lab.config_path()).unwrap();
@@ -130,7 +130,7 @@ async fn an_invalid_config_is_refused_and_the_old_one_keeps_serving() {
     assert!(msg.contains("cannot bind socket"), "HAProxy's own reason is reported: {msg}");
     assert_eq!(s.config.hash, before.config.hash);
     assert_eq!(
-        std::fs::read_to_string(env.lab.path("run/haproxy.cfg")).unwrap(),
+        std::fs::read_to_string(layout(&env.lab).config_file()).unwrap(),
         good,
         "last good config restored on disk"
     );
@@ -171,7 +171,7 @@ async fn a_changed_config_file_is_applied_without_a_signal() {
         .await;
     assert_eq!(s.config.last_reload.unwrap().result, "success");
     assert!(
-        std::fs::read_to_string(env.lab.path("run/haproxy.cfg")).unwrap().contains("timeout connect 3107ms")
+        std::fs::read_to_string(layout(&env.lab).config_file()).unwrap().contains("timeout connect 3107ms")
     );
 }
 
@@ -362,7 +362,7 @@ async fn haproxy_stats_and_exporter_require_auth() {
     let status = http_get(env.agent().metrics_addr(), "/status").await.1;
     let metrics = http_get(env.agent().metrics_addr(), "/metrics").await.1;
     assert!(!status.contains(password) && !metrics.contains(password));
-    let cfg = std::fs::metadata(env.lab.path("run/haproxy.cfg")).unwrap();
+    let cfg = std::fs::metadata(layout(&env.lab).config_file()).unwrap();
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(cfg.permissions().mode() & 0o777, 0o600);
 }
@@ -413,7 +413,7 @@ async fn an_unresolvable_master_name_does_not_stop_haproxy() {
         .await;
     assert_eq!(s.healthy(), 3);
     assert!(served_by(&env).await.is_ok());
-    let cfg = std::fs::read_to_string(env.lab.path("run/haproxy.cfg")).unwrap();
+    let cfg = std::fs::read_to_string(layout(&env.lab).config_file()).unwrap();
     assert!(cfg.contains("resolvers sys init-addr last,libc,none"), "{cfg}");
 }
 

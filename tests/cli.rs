@@ -293,7 +293,7 @@ async fn reload_reports_the_outcome_like_systemctl_reload_should() {
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("applied: HAProxy runs config sha256:"), "{out}");
     assert!(
-        std::fs::read_to_string(env.lab.path("run/haproxy.cfg")).unwrap().contains("timeout connect 2500ms")
+        std::fs::read_to_string(layout(&env.lab).config_file()).unwrap().contains("timeout connect 2500ms")
     );
 
     // A change the agent refuses (the state directory only changes at a

@@ -56,7 +56,7 @@ async fn wait_servers(env: &Env, what: &str, pred: impl Fn(&[(String, String)]) 
 
 async fn worker(env: &Env) -> (Vec<u32>, usize) {
     let text =
-        cli::command(&env.lab.path("run/master.sock"), "show proc", Duration::from_secs(2)).await.unwrap();
+        cli::command(&layout(&env.lab).master_socket(), "show proc", Duration::from_secs(2)).await.unwrap();
     let p = stat::parse_show_proc(&text).unwrap();
     (p.workers.iter().map(|w| w.pid).collect(), p.old_workers.len())
 }
@@ -124,12 +124,12 @@ async fn adding_a_master() {
     assert!(m.contains("apilb_master_changes_total{method=\"reload\"} 0"), "{m}");
     assert!(m.contains("apilb_masters{source=\"discovered\"} 4"), "{m}");
     assert!(m.contains("apilb_discovery_last_success_timestamp_seconds"), "{m}");
-    let cfg = std::fs::read_to_string(env.lab.path("run/haproxy.cfg")).unwrap();
+    let cfg = std::fs::read_to_string(layout(&env.lab).config_file()).unwrap();
     assert!(
         cfg.contains(&format!("server 127.0.0.4 {} check", env.lab.servers[3].addr())),
         "the file follows"
     );
-    let saved = std::fs::read_to_string(env.lab.path("state/masters.json")).unwrap();
+    let saved = std::fs::read_to_string(layout(&env.lab).masters_file()).unwrap();
     assert!(saved.contains("127.0.0.4"), "{saved}");
     env.agent = None;
     eprintln!(
@@ -234,7 +234,7 @@ async fn a_restart_uses_the_persisted_set_when_the_seeds_are_unreachable() {
     let mut env = env_with_discovery(cluster_opts(), "").await;
     wait_discovered(&env, 3).await;
     assert_eq!(env.stop_agent().await, apilb::agent::Exit::Stopped);
-    assert!(env.lab.path("state/masters.json").exists());
+    assert!(layout(&env.lab).masters_file().exists());
 
     // The seeds now point at addresses where nothing listens.
     let port = env.lab.servers[0].addr().port();
@@ -261,7 +261,7 @@ async fn a_restart_uses_the_persisted_set_when_the_seeds_are_unreachable() {
 
     // A corrupt state file is reported and ignored, never fatal.
     env.stop_agent().await;
-    std::fs::write(env.lab.path("state/masters.json"), "{corrupt").unwrap();
+    std::fs::write(layout(&env.lab).masters_file(), "{corrupt").unwrap();
     let yaml = env.lab.config_yaml(&env.lab.discovery_yaml(""));
     env.lab.write_config(&yaml).unwrap();
     env.start_agent().await;

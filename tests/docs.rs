@@ -9,7 +9,7 @@ use std::process::Command;
 
 use apilb::config::Config;
 use apilb::config::restart_only::{Apply, RESTART_ONLY};
-use apilb::render::Paths;
+use apilb::layout::Paths;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -298,7 +298,7 @@ fn known_files() -> BTreeSet<String> {
         p.output_fifo(),
         p.server_state_file(),
         p.masters_file(),
-        p.runtime_dir.join("check-client-*.pem"),
+        p.client_bundle_glob(),
     ]
     .iter()
     .map(|f| f.display().to_string())

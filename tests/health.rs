@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use apilb::lab::{LabAuth, LabOptions};
+use apilb::layout::Paths;
 use apilb::testapi::{ApiServer, ApiServerOptions, Auth};
 use support::*;
 
@@ -57,7 +58,7 @@ async fn client_cert_checks_authenticate_with_the_certificate() {
     let bundles: Vec<_> = std::fs::read_dir(env.lab.path("run"))
         .unwrap()
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("check-client-"))
+        .filter(|e| Paths::is_client_bundle(&e.file_name().to_string_lossy()))
         .collect();
     assert_eq!(bundles.len(), 1);
     use std::os::unix::fs::PermissionsExt;

@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use apilb::config::Config;
 use apilb::haproxy::Binary;
 use apilb::inputs::Inputs;
-use apilb::render::{self, Paths, Rendered};
+use apilb::layout::Paths;
+use apilb::render::{self, Rendered};
 
 const PLACEHOLDER: &str = "@FIXTURES@";
 

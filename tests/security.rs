@@ -48,7 +48,7 @@ async fn a_thousand_idle_connections_starve_neither_the_endpoint_nor_the_agent()
         s.config.reload_requests >= 1 && s.config.pending_error.is_none() && s.haproxy.running
     })
     .await;
-    let cfg = std::fs::read_to_string(env.lab.path("run/haproxy.cfg")).unwrap();
+    let cfg = std::fs::read_to_string(layout(&env.lab).config_file()).unwrap();
     assert!(cfg.contains("timeout connect 3100ms"), "{}", agent.logs());
     assert!(!agent.logs().contains("Too many open files"), "{}", agent.logs());
     drop(idle);

@@ -11,8 +11,9 @@ use crate::config::Master;
 use crate::discovery;
 use crate::haproxy::runtime;
 use crate::haproxy::stat::Stats;
+use crate::layout::Paths;
 use crate::masters::Sources;
-use crate::render::{CheckPlan, FALLBACK_SUFFIX, Features, Paths};
+use crate::render::{CheckPlan, FALLBACK_SUFFIX, Features};
 use crate::status::DiscoveryStatus;
 use crate::{LoadError, Loaded};
 

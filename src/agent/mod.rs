@@ -38,9 +38,10 @@ use crate::haproxy::supervisor::{Haproxy, ReloadError, SupervisorError, alive, s
 use crate::haproxy::{Binary, BinaryError, Version};
 use crate::http::{self, HttpState};
 use crate::inputs::{Secret, Verify};
+use crate::layout::Paths;
 use crate::masters::{Source, Sources};
 use crate::metrics::Metrics;
-use crate::render::{Features, Paths, Rendered};
+use crate::render::{Features, Rendered};
 use crate::status::{CheckStatus, ReloadRecord, Status};
 use crate::systemd;
 use crate::{LoadError, Loaded};

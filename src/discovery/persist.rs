@@ -82,7 +82,8 @@ mod tests {
     #[test]
     fn round_trips_and_tolerates_missing_and_corrupt_files() {
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("masters.json");
+        let dir_path = dir.path().to_path_buf();
+        let p = crate::layout::Paths { runtime_dir: dir_path.clone(), state_dir: dir_path }.masters_file();
         assert_eq!(load(&p).unwrap(), vec![]);
         let m = vec![Master { name: "10.0.0.1".into(), address: "10.0.0.1:6443".parse().unwrap() }];
         save(&p, &m).unwrap();

@@ -13,7 +13,8 @@ use std::process::Stdio;
 use tokio::process::Command;
 
 use crate::fsutil;
-use crate::render::{Features, Paths, Rendered};
+use crate::layout::Paths;
+use crate::render::{Features, Rendered};
 
 /// The oldest HAProxy apilb runs on: the oldest it is tested on (Debian
 /// 12's 2.6; the README's support table). 2.4 (RHEL 8 and 9's AppStream)

@@ -26,7 +26,7 @@ use super::output::Output;
 use super::stat::{self, ParseError, ProcInfo, Stats};
 use super::{Binary, Version};
 use crate::fsutil;
-use crate::render::Paths;
+use crate::layout::Paths;
 
 /// Failures of the HAProxy process.
 #[derive(Debug, thiserror::Error)]

@@ -15,6 +15,8 @@ use apilb::testapi::pool::{Pool, PoolOptions};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::support::layout;
+
 /// How big the suite runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Size {
@@ -74,7 +76,7 @@ pub fn raise_nofile() -> u64 {
 /// `show proc` on the lab's HAProxy master socket.
 pub async fn show_proc(lab: &Lab) -> Result<ProcInfo, String> {
     let text =
-        apilb::haproxy::cli::command(&lab.path("run/master.sock"), "show proc", Duration::from_secs(5))
+        apilb::haproxy::cli::command(&layout(lab).master_socket(), "show proc", Duration::from_secs(5))
             .await
             .map_err(|e| e.to_string())?;
     apilb::haproxy::stat::parse_show_proc(&text).map_err(|e| e.to_string())
@@ -84,7 +86,7 @@ pub async fn show_proc(lab: &Lab) -> Result<ProcInfo, String> {
 /// lab, found in /proc by their command line (which names the lab's
 /// master socket).
 pub fn haproxy_processes(lab: &Lab) -> Vec<u32> {
-    processes_mentioning(&lab.path("run/master.sock").display().to_string())
+    processes_mentioning(&layout(lab).master_socket().display().to_string())
 }
 
 /// A check timeout of 5s instead of the lab's 1s. With thousands of TLS

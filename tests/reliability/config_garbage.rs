@@ -62,7 +62,7 @@ async fn data_plane(lab: &Lab) -> DataPlane {
         master: master_pid,
         workers: workers.iter().map(|w| w.pid).collect(),
         reloads,
-        cfg: std::fs::read(lab.path("run/haproxy.cfg")).unwrap(),
+        cfg: std::fs::read(layout(lab).config_file()).unwrap(),
     }
 }
 
@@ -121,7 +121,7 @@ async fn a_broken_config_file_is_refused_by_a_reload_request() {
         })
         .await;
     assert!(s.config.pending_error.is_none());
-    assert!(std::fs::read_to_string(env.lab.path("run/haproxy.cfg")).unwrap().contains(&variant_line(1)));
+    assert!(std::fs::read_to_string(layout(&env.lab).config_file()).unwrap().contains(&variant_line(1)));
     let report = load.stop().await;
     assert_eq!(report.failed, 0, "new connections failed: {:?}", report.errors);
     assert_eq!(held.served_by().await.unwrap(), held_by, "the held connection survives the good reload too");

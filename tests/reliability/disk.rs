@@ -51,7 +51,7 @@ async fn full_or_read_only_directories_refuse_the_change_and_keep_serving() {
         for fault in [Fault::Full, Fault::ReadOnly] {
             let before = env.agent().status().borrow().clone();
             let proc = show_proc(&env.lab).await.unwrap();
-            let cfg = std::fs::read(env.lab.path("run/haproxy.cfg")).unwrap();
+            let cfg = std::fs::read(layout(&env.lab).config_file()).unwrap();
             let metrics = http_get(env.agent().metrics_addr(), "/metrics").await.1;
             let failed_before = metric(&metrics, "apilb_haproxy_reloads_total{result=\"failed\"}").unwrap();
 
@@ -94,7 +94,7 @@ async fn full_or_read_only_directories_refuse_the_change_and_keep_serving() {
             assert_eq!(now.workers, proc.workers, "{what}: the worker changed");
             assert_eq!(now.reloads, proc.reloads, "{what}: HAProxy was reloaded");
             assert_eq!(
-                std::fs::read(env.lab.path("run/haproxy.cfg")).unwrap(),
+                std::fs::read(layout(&env.lab).config_file()).unwrap(),
                 cfg,
                 "{what}: haproxy.cfg changed"
             );
@@ -116,7 +116,7 @@ async fn full_or_read_only_directories_refuse_the_change_and_keep_serving() {
                 })
                 .await;
             assert!(s.config.pending_error.is_none(), "{what}: {s:#?}");
-            let applied = std::fs::read_to_string(env.lab.path("run/haproxy.cfg"))
+            let applied = std::fs::read_to_string(layout(&env.lab).config_file())
                 .unwrap()
                 .contains(&variant_line(variant));
             assert!(applied, "{what}: the new haproxy.cfg is in place");

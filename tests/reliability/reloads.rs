@@ -38,7 +38,7 @@ async fn long_lived_connections_survive_twenty_reloads_under_load() {
     env.lab.write_config(&config_variant(&env.lab, 0, extra)).unwrap();
     env.start_agent().await;
     env.wait_all_up().await;
-    let cfg = std::fs::read_to_string(env.lab.path("run/haproxy.cfg")).unwrap();
+    let cfg = std::fs::read_to_string(layout(&env.lab).config_file()).unwrap();
     assert!(cfg.contains("hard-stop-after 1m"), "the lab's hard-stop-after changed; adjust HARD_STOP_AFTER");
     assert!(cfg.contains("mworker-max-reloads 50"), "{cfg}");
 

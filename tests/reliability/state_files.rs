@@ -88,7 +88,7 @@ async fn a_corrupt_saved_master_set_is_ignored_with_a_warning() {
         Env::new(LabOptions { cluster: Some(ClusterKind::EndpointSlices), ..LabOptions::default() }).await;
     reaper.watch(&env.lab);
     env.lab.write_config(&env.lab.config_yaml(&env.lab.discovery_yaml(""))).unwrap();
-    let file = env.lab.path("state/masters.json");
+    let file = layout(&env.lab).masters_file();
     let discovered = |s: &apilb::status::Status| {
         s.discovery.as_ref().is_some_and(|d| d.last_success.is_some())
             && s.in_rotation().count() == 3
@@ -142,7 +142,7 @@ async fn a_corrupt_server_state_file_is_ignored_with_a_warning() {
     let mut reaper = Reaper::default();
     let env = Env::new(LabOptions::default()).await;
     reaper.watch(&env.lab);
-    let file = env.lab.path("state/servers.state");
+    let file = layout(&env.lab).server_state_file();
     let mut agent = spawn(&env, "agent-0");
     agent.wait_ready(&env.lab).await;
     // A reload saves the real server state.
@@ -200,7 +200,7 @@ async fn a_corrupt_pidfile_does_not_stop_adoption_or_start() {
     let mut reaper = Reaper::default();
     let env = Env::new(LabOptions::default()).await;
     reaper.watch(&env.lab);
-    let file = env.lab.path("run/haproxy.pid");
+    let file = layout(&env.lab).pidfile();
     let mut agent = spawn(&env, "agent-0");
     agent.wait_ready(&env.lab).await;
     let master = env.haproxy_pid().unwrap();

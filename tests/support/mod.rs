@@ -10,9 +10,16 @@ use apilb::agent::{self, Control, Exit, Handle};
 #[allow(unused_imports)]
 pub use apilb::lab::LabAuth;
 use apilb::lab::{Lab, LabOptions};
+use apilb::layout::Paths;
 use apilb::status::Status;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+/// The runtime layout of a lab's agent: its config puts the runtime and
+/// state directories under the lab directory.
+pub fn layout(lab: &Lab) -> Paths {
+    Paths::under(&lab.path(""))
+}
 
 /// Logs from the agent and HAProxy, shown for failing tests.
 pub fn init_logs() {
@@ -91,7 +98,7 @@ impl Env {
     }
 
     pub fn haproxy_pid(&self) -> Option<u32> {
-        std::fs::read_to_string(self.lab.path("run/haproxy.pid")).ok()?.trim().parse().ok()
+        std::fs::read_to_string(layout(&self.lab).pidfile()).ok()?.trim().parse().ok()
     }
 }
 
@@ -162,7 +169,7 @@ pub async fn session_on(env: &Env, server: &str) -> apilb::testapi::Session {
 
 /// The backend's servers as HAProxy has them, read from its runtime API.
 pub async fn haproxy_servers(env: &Env) -> Vec<apilb::haproxy::stat::ServerStat> {
-    let sock = env.lab.path("run/haproxy.sock");
+    let sock = layout(&env.lab).stats_socket();
     match apilb::haproxy::cli::command(&sock, "show stat", Duration::from_secs(2)).await {
         Ok(text) => apilb::haproxy::stat::parse_show_stat(&text).map(|s| s.servers).unwrap_or_default(),
         Err(_) => Vec::new(),
