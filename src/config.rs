@@ -280,12 +280,11 @@ impl Config {
     /// share an apilb.yaml report the same value even when each renders its
     /// own client certificate into haproxy.cfg, so fleets can spot drift.
     pub fn settings_hash(&self) -> String {
-        use sha2::{Digest, Sha256};
         let mut shaping = self.clone();
         shaping.metrics = Metrics::default();
         // Serializing plain structs and vectors cannot fail.
         let json = serde_json::to_vec(&shaping).unwrap_or_default();
-        Sha256::digest(&json).iter().map(|b| format!("{b:02x}")).collect()
+        crate::digest::sha256_hex(&json)
     }
 
     /// Cross-field rules. Returns the offending field's path and a message.

@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use sha2::{Digest, Sha256};
 
 use crate::config::{AuthMode, Config};
+use crate::digest::sha256_hex;
 
 /// A secret value. Its `Debug` and `Display` never print the content, and
 /// its bytes are overwritten when it is dropped, so a core dump or a read
@@ -265,11 +265,6 @@ fn io_err(field: &str, path: &Path, e: std::io::Error) -> InputError {
 
 fn bad(field: &str, path: &Path, problem: impl Into<String>) -> InputError {
     InputError { field: field.to_owned(), path: path.to_owned(), problem: problem.into() }
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    let digest = Sha256::digest(data);
-    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Reads a PEM file that must hold at least one certificate; returns its

@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod config;
 pub mod demo;
+pub mod digest;
 pub mod discovery;
 pub mod fsutil;
 #[doc(hidden)]

@@ -12,9 +12,9 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use askama::Template;
-use sha2::{Digest, Sha256};
 
 use crate::config::{Balance, Config, Master};
+use crate::digest::sha256_hex;
 use crate::inputs::{Credential, Inputs, Secret, Verify};
 /// Kept for src/fuzzing.rs, which is moving to its own crate; new code
 /// names [`crate::layout::Paths`].
@@ -366,15 +366,14 @@ pub fn render(config: &Config, inputs: &Inputs, paths: &Paths, features: Feature
     if !text.ends_with('\n') {
         text.push('\n');
     }
-    let hex = |bytes: &[u8]| Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect::<String>();
-    let fingerprint = hex(text.as_bytes());
+    let fingerprint = sha256_hex(text.as_bytes());
     // Longest first, so a secret containing another is redacted whole.
     secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
     secrets.dedup();
     let redactor = Redactor { secrets: secrets.into_iter().map(Secret::new).collect() };
     // What is shown: a hash over the text without its secrets, so that it
     // cannot be used to test guesses of a token or a password offline.
-    let hash = hex(redactor.redact(&text).as_bytes());
+    let hash = sha256_hex(redactor.redact(&text).as_bytes());
     Rendered { text: Secret::new(text), hash, fingerprint, aux_files, redactor, features }
 }
 
@@ -442,8 +441,7 @@ mod tests {
         let (a, b) = (with("guess-one-123"), with("guess-two-456"));
         assert_eq!(a.hash, b.hash);
         assert_ne!(a.fingerprint, b.fingerprint, "a rotated token must still be applied");
-        let full =
-            Sha256::digest(a.text.expose().as_bytes()).iter().map(|b| format!("{b:02x}")).collect::<String>();
+        let full = sha256_hex(a.text.expose().as_bytes());
         assert_eq!(a.fingerprint, full);
         assert_ne!(a.hash, full);
         assert_eq!(a.short_hash(), &a.hash[..12]);
