@@ -29,6 +29,7 @@ pub mod status;
 pub mod status_client;
 pub mod systemd;
 pub mod testapi;
+pub mod tls;
 
 use std::path::Path;
 

@@ -9,7 +9,7 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http_body_util::Full;
@@ -20,15 +20,13 @@ const PROBE_BODY_LIMIT: usize = 64 << 10;
 use hyper::Request;
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
-use rustls::client::WebPkiServerVerifier;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
+use rustls::CertificateError;
+use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
 use crate::config::{Config, Master};
 use crate::inputs::{Credential, Inputs, Verify};
+use crate::tls::{self, RecordingVerifier, ServerVerification};
 
 /// The server certificate as seen during the handshake.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -83,61 +81,6 @@ pub struct Report {
     pub ok: bool,
 }
 
-/// Records the certificate the server presented, then lets the real
-/// verifier decide (or accepts anything when verification is off).
-#[derive(Debug)]
-struct Recorder {
-    inner: Option<Arc<WebPkiServerVerifier>>,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-    seen: Mutex<Option<CertificateDer<'static>>>,
-}
-
-impl ServerCertVerifier for Recorder {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(end_entity.clone().into_owned());
-        match &self.inner {
-            Some(v) => v.verify_server_cert(end_entity, intermediates, server_name, ocsp, now),
-            None => Ok(ServerCertVerified::assertion()),
-        }
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
-    }
-}
-
 /// Parses the parts of a certificate an operator needs.
 pub fn cert_info(der: &[u8]) -> Option<CertInfo> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
@@ -172,53 +115,28 @@ pub fn cert_info(der: &[u8]) -> Option<CertInfo> {
     })
 }
 
-/// A verifier that accepts any server certificate, for configurations that
-/// explicitly opt out of verification (`insecure-skip-tls-verify`).
-pub fn accept_any_certificate(provider: Arc<rustls::crypto::CryptoProvider>) -> Arc<dyn ServerCertVerifier> {
-    Arc::new(Recorder { inner: None, provider, seen: Mutex::new(None) })
-}
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    rustls::crypto::CryptoProvider::get_default()
-        .cloned()
-        .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()))
-}
-
-/// The TLS client the check uses: same CA, same client certificate.
-fn client_config(inputs: &Inputs) -> Result<(Arc<rustls::ClientConfig>, Arc<Recorder>), String> {
-    let provider = provider();
+/// The TLS client the check uses: same CA, same client certificate. The
+/// verifier records the server's certificate, verified or not.
+fn client_config(inputs: &Inputs) -> Result<(Arc<rustls::ClientConfig>, Arc<RecordingVerifier>), String> {
+    let provider = tls::provider();
     let inner = match &inputs.check.verify {
         Verify::Ca { path, .. } => {
-            let mut roots = rustls::RootCertStore::empty();
             let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            for c in CertificateDer::pem_slice_iter(&pem) {
-                let c = c.map_err(|e| format!("{}: {e}", path.display()))?;
-                roots.add(c).map_err(|e| format!("{}: {e}", path.display()))?;
-            }
-            let v = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                .build()
-                .map_err(|e| e.to_string())?;
-            Some(v)
+            let roots = tls::roots(&pem).map_err(|e| format!("{}: {e}", path.display()))?;
+            Some(tls::verifier(roots, provider.clone()).map_err(|e| e.to_string())?)
         }
         Verify::Insecure | Verify::BootstrapNoCa => None,
     };
-    let recorder = Arc::new(Recorder { inner, provider: provider.clone(), seen: Mutex::new(None) });
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .dangerous()
-        .with_custom_certificate_verifier(recorder.clone());
-    let config = match &inputs.check.credential {
+    let recorder = Arc::new(RecordingVerifier::new(inner, provider.clone()));
+    let client = match &inputs.check.credential {
         Credential::ClientCert { bundle, .. } => {
             let pem = bundle.expose().as_bytes();
-            let chain = CertificateDer::pem_slice_iter(pem)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| e.to_string())?;
-            let key = PrivateKeyDer::from_pem_slice(pem).map_err(|e| e.to_string())?;
-            builder.with_client_auth_cert(chain, key).map_err(|e| e.to_string())?
+            Some(tls::ClientCert { chain_pem: pem, key_pem: pem })
         }
-        _ => builder.with_no_client_auth(),
+        _ => None,
     };
+    let config = tls::client_config(provider, ServerVerification::Custom(recorder.clone()), client)
+        .map_err(|e| e.to_string())?;
     Ok((Arc::new(config), recorder))
 }
 
@@ -353,7 +271,7 @@ pub async fn probe(config: &Config, inputs: &Inputs, master: &Master) -> Report 
     let tls_started = Instant::now();
     let handshake = tokio_rustls::TlsConnector::from(tls_config).connect(sni, tcp);
     let tls = tokio::time::timeout(check_limit, handshake).await;
-    r.cert = recorder.seen.lock().unwrap_or_else(|e| e.into_inner()).as_ref().and_then(|c| cert_info(c));
+    r.cert = recorder.seen().and_then(|c| cert_info(&c));
     let tls = match tls {
         Ok(Ok(s)) => {
             let version = s.get_ref().1.protocol_version().map(|v| format!("{v:?}")).unwrap_or_default();

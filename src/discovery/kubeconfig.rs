@@ -6,11 +6,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 
 use crate::inputs::Secret;
+use crate::tls::{self, ServerVerification, TlsError};
 
 /// A kubeconfig that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -148,102 +147,32 @@ pub(crate) fn parse(
 ) -> Result<KubeAccess, KubeconfigError> {
     let err = |problem: String| KubeconfigError { path: path.to_owned(), problem };
     let raw: Raw = serde_yaml::from_str(text).map_err(|e| err(e.to_string()))?;
-    let base = path.parent().unwrap_or(Path::new("/"));
-    let resolve = |p: &Path| if p.is_absolute() { p.to_owned() } else { base.join(p) };
-
-    let context = if raw.current_context.is_empty() {
-        raw.contexts.first()
-    } else {
-        raw.contexts.iter().find(|c| c.name == raw.current_context)
-    }
-    .ok_or_else(|| err(format!("no context {:?}", raw.current_context)))?;
-    let cluster = raw
-        .clusters
-        .iter()
-        .find(|c| c.name == context.context.cluster)
-        .map(|c| &c.cluster)
-        .ok_or_else(|| err(format!("no cluster {:?}", context.context.cluster)))?;
-    let user = raw.users.iter().find(|u| u.name == context.context.user).map(|u| &u.user);
-
+    let files = Files { base: path.parent().unwrap_or(Path::new("/")), read };
+    let (cluster, user) = current(&raw).map_err(err)?;
     let (server, server_host) = parse_server(&cluster.server).map_err(err)?;
 
-    let provider = rustls::crypto::CryptoProvider::get_default()
-        .cloned()
-        .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()));
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| err(e.to_string()))?;
-    let builder = if cluster.insecure {
-        builder.dangerous().with_custom_certificate_verifier(crate::probe::accept_any_certificate(provider))
+    let provider = tls::provider();
+    let verification = if cluster.insecure {
+        ServerVerification::Custom(tls::accept_any_certificate(provider.clone()))
     } else {
-        let ca_pem = match (&cluster.ca_data, &cluster.ca_file) {
-            (Some(data), _) => {
-                decode_base64(data).map_err(|e| err(format!("certificate-authority-data: {e}")))?
-            }
-            (None, Some(file)) => read(&resolve(file))
-                .map_err(|e| err(format!("certificate-authority {}: {e}", resolve(file).display())))?,
-            (None, None) => return Err(err("the cluster has no certificate-authority".into())),
-        };
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_slice_iter(&ca_pem) {
-            roots.add(c.map_err(|e| err(format!("CA: {e}")))?).map_err(|e| err(format!("CA: {e}")))?;
-        }
-        if roots.is_empty() {
-            return Err(err("the CA holds no certificate".into()));
-        }
-        builder.with_root_certificates(roots)
+        ServerVerification::Roots(cluster_roots(cluster, &files).map_err(err)?)
     };
-
-    let read_pem = |data: &Option<String>,
-                    file: &Option<PathBuf>,
-                    what: &str|
-     -> Result<Option<Vec<u8>>, KubeconfigError> {
-        match (data, file) {
-            (Some(d), _) => decode_base64(d).map(Some).map_err(|e| err(format!("{what}-data: {e}"))),
-            (None, Some(f)) => {
-                read(&resolve(f)).map(Some).map_err(|e| err(format!("{what} {}: {e}", resolve(f).display())))
-            }
-            (None, None) => Ok(None),
-        }
+    let creds = match user {
+        Some(u) => user_credentials(u, &files).map_err(err)?,
+        None => UserCredentials::default(),
     };
-    let (mut auth, mut token) = ("none", None);
-    let tls = match user {
-        Some(u) => {
-            let cert = read_pem(&u.cert_data, &u.cert_file, "client-certificate")?;
-            let key = read_pem(&u.key_data, &u.key_file, "client-key")?;
-            if let Some(t) = &u.token {
-                token = Some(Secret::new(t.trim()));
-            } else if let Some(f) = &u.token_file {
-                let t = read(&resolve(f))
-                    .and_then(|b| {
-                        String::from_utf8(b).map_err(|_| {
-                            std::io::Error::new(
-                                std::io::ErrorKind::InvalidData,
-                                "stream did not contain valid UTF-8",
-                            )
-                        })
-                    })
-                    .map_err(|e| err(format!("tokenFile: {e}")))?;
-                token = Some(Secret::new(t.trim()));
-            }
-            if token.is_some() {
-                auth = "bearer";
-            }
-            match (cert, key) {
-                (Some(cert), Some(key)) => {
-                    let chain = CertificateDer::pem_slice_iter(&cert)
-                        .collect::<Result<Vec<_>, _>>()
-                        .map_err(|e| err(format!("client certificate: {e}")))?;
-                    let key =
-                        PrivateKeyDer::from_pem_slice(&key).map_err(|e| err(format!("client key: {e}")))?;
-                    auth = "client_cert";
-                    builder.with_client_auth_cert(chain, key).map_err(|e| err(e.to_string()))?
-                }
-                _ => builder.with_no_client_auth(),
-            }
-        }
-        None => builder.with_no_client_auth(),
+    let (client, auth) = match (&creds.cert, &creds.key) {
+        (Some(chain_pem), Some(key_pem)) => (Some(tls::ClientCert { chain_pem, key_pem }), "client_cert"),
+        _ if creds.token.is_some() => (None, "bearer"),
+        _ => (None, "none"),
     };
+    let tls = tls::client_config(provider, verification, client).map_err(|e| {
+        err(match e {
+            TlsError::ClientChain(e) => format!("client certificate: {e}"),
+            TlsError::ClientKey(e) => format!("client key: {e}"),
+            e => e.to_string(),
+        })
+    })?;
     if auth == "none" {
         return Err(err("the user has no client certificate or token".into()));
     }
@@ -253,10 +182,112 @@ pub(crate) fn parse(
         server_host,
         tls_server_name: cluster.tls_server_name.clone(),
         tls: Arc::new(tls),
-        token,
+        token: creds.token,
         auth,
         insecure: cluster.insecure,
     })
+}
+
+/// The files a kubeconfig refers to: relative paths are relative to its
+/// directory, as kubectl resolves them.
+struct Files<'a> {
+    /// The kubeconfig's directory.
+    base: &'a Path,
+    /// Reads a file (the only I/O of parsing).
+    read: &'a dyn Fn(&Path) -> std::io::Result<Vec<u8>>,
+}
+
+impl Files<'_> {
+    /// `p`, resolved against the kubeconfig's directory.
+    fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() { p.to_owned() } else { self.base.join(p) }
+    }
+
+    /// Inline base64 `data` (`<what>-data`) or the file it names (`<what>`).
+    fn pem(
+        &self,
+        data: &Option<String>,
+        file: &Option<PathBuf>,
+        what: &str,
+    ) -> Result<Option<Vec<u8>>, String> {
+        match (data, file) {
+            (Some(d), _) => decode_base64(d).map(Some).map_err(|e| format!("{what}-data: {e}")),
+            (None, Some(f)) => {
+                let f = self.resolve(f);
+                (self.read)(&f).map(Some).map_err(|e| format!("{what} {}: {e}", f.display()))
+            }
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+/// The current context's cluster and user (the first context when none is
+/// current).
+fn current(raw: &Raw) -> Result<(&Cluster, Option<&User>), String> {
+    let context = if raw.current_context.is_empty() {
+        raw.contexts.first()
+    } else {
+        raw.contexts.iter().find(|c| c.name == raw.current_context)
+    }
+    .ok_or_else(|| format!("no context {:?}", raw.current_context))?;
+    let cluster = raw
+        .clusters
+        .iter()
+        .find(|c| c.name == context.context.cluster)
+        .map(|c| &c.cluster)
+        .ok_or_else(|| format!("no cluster {:?}", context.context.cluster))?;
+    let user = raw.users.iter().find(|u| u.name == context.context.user).map(|u| &u.user);
+    Ok((cluster, user))
+}
+
+/// The roots the cluster's certificate-authority(-data) holds.
+fn cluster_roots(cluster: &Cluster, files: &Files<'_>) -> Result<rustls::RootCertStore, String> {
+    let ca_pem = match (&cluster.ca_data, &cluster.ca_file) {
+        (Some(data), _) => decode_base64(data).map_err(|e| format!("certificate-authority-data: {e}"))?,
+        (None, Some(file)) => {
+            let file = files.resolve(file);
+            (files.read)(&file).map_err(|e| format!("certificate-authority {}: {e}", file.display()))?
+        }
+        (None, None) => return Err("the cluster has no certificate-authority".into()),
+    };
+    let roots = tls::roots(&ca_pem).map_err(|e| format!("CA: {e}"))?;
+    if roots.is_empty() {
+        return Err("the CA holds no certificate".into());
+    }
+    Ok(roots)
+}
+
+/// What a kubeconfig user holds: PEM of a client certificate and key, a
+/// token.
+#[derive(Default)]
+struct UserCredentials {
+    /// The client certificate chain.
+    cert: Option<Vec<u8>>,
+    /// The client key.
+    key: Option<Vec<u8>>,
+    /// A bearer token, trimmed.
+    token: Option<Secret>,
+}
+
+/// Reads the user's client certificate, key and token (inline or files).
+fn user_credentials(u: &User, files: &Files<'_>) -> Result<UserCredentials, String> {
+    let cert = files.pem(&u.cert_data, &u.cert_file, "client-certificate")?;
+    let key = files.pem(&u.key_data, &u.key_file, "client-key")?;
+    let token = if let Some(t) = &u.token {
+        Some(Secret::new(t.trim()))
+    } else if let Some(f) = &u.token_file {
+        let t = (files.read)(&files.resolve(f))
+            .and_then(|b| {
+                String::from_utf8(b).map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::InvalidData, "stream did not contain valid UTF-8")
+                })
+            })
+            .map_err(|e| format!("tokenFile: {e}"))?;
+        Some(Secret::new(t.trim()))
+    } else {
+        None
+    };
+    Ok(UserCredentials { cert, key, token })
 }
 
 /// `https://host:port` → (`host:port`, `host`); IPv6 hosts keep brackets
