@@ -173,6 +173,20 @@ impl CheckAuth {
     pub fn mode_in_use(&self) -> &'static str {
         if self.bootstrap { "bootstrap" } else { self.credential.kind() }
     }
+
+    /// The HTTP statuses that count as alive, sorted, without duplicates:
+    /// `expect_status` (`health.expect_status`), and in bootstrap mode also
+    /// 401 and 403 (the server answers; the node has no credential yet).
+    /// The rendered check and `apilb probe` both ask this.
+    pub fn accepted_statuses(&self, expect_status: &[u16]) -> Vec<u16> {
+        let mut statuses = expect_status.to_vec();
+        if self.bootstrap {
+            statuses.extend([401, 403]);
+        }
+        statuses.sort_unstable();
+        statuses.dedup();
+        statuses
+    }
 }
 
 /// Everything read from disk for one render.

@@ -180,14 +180,6 @@ pub async fn probe_all(config: &Config, inputs: &Inputs, only: &[String]) -> Res
     Ok(reports)
 }
 
-fn expected_statuses(config: &Config, inputs: &Inputs) -> Vec<u16> {
-    let mut s = config.health.expect_status.clone();
-    if inputs.check.bootstrap {
-        s.extend([401, 403]);
-    }
-    s
-}
-
 /// Probes one master.
 pub async fn probe(config: &Config, inputs: &Inputs, master: &Master) -> Report {
     let h = &config.health;
@@ -331,7 +323,7 @@ pub async fn probe(config: &Config, inputs: &Inputs, master: &Master) -> Report 
         let resp = sender.send_request(get(&h.path.0)?).await.map_err(|e| e.to_string())?;
         let status = resp.status().as_u16();
         let _ = crate::discovery::read_all(resp.into_body(), PROBE_BODY_LIMIT).await;
-        let verbose = if expected_statuses(config, inputs).contains(&status) {
+        let verbose = if inputs.check.accepted_statuses(&config.health.expect_status).contains(&status) {
             None
         } else {
             let path = if h.path.0.contains('?') {
@@ -352,7 +344,7 @@ pub async fn probe(config: &Config, inputs: &Inputs, master: &Master) -> Report 
             r.status = Some(status);
             r.verbose = verbose;
             let line = format!("GET {} → {status} in {}", h.path, ms(http_started.elapsed()));
-            if expected_statuses(config, inputs).contains(&status) {
+            if inputs.check.accepted_statuses(&config.health.expect_status).contains(&status) {
                 r.http = Step::Ok(line);
                 r.ok = true;
                 if inputs.check.bootstrap && status != 200 {

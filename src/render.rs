@@ -294,12 +294,7 @@ pub fn render(config: &Config, inputs: &Inputs, paths: &Paths, features: Feature
         Credential::Anonymous => {}
     }
 
-    let mut statuses = config.health.expect_status.clone();
-    if inputs.check.bootstrap {
-        statuses.extend([401, 403]);
-    }
-    statuses.sort_unstable();
-    statuses.dedup();
+    let statuses = inputs.check.accepted_statuses(&config.health.expect_status);
     let check_expect = if statuses.len() == 1 {
         format!("status {}", statuses[0])
     } else {
