@@ -31,6 +31,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::backoff::Backoff;
 use crate::config::{Address, Cidr, DEFAULT_DISCOVERY_KUBECONFIGS, Host, KubernetesDiscovery, Via};
 use kubeconfig::KubeAccess;
 
@@ -116,48 +117,15 @@ impl Api {
     }
 }
 
-/// Delays between failed sessions: exponential, capped, with jitter so a
-/// fleet of nodes does not retry in step.
-struct Backoff {
-    attempt: u32,
-    state: u64,
-}
-
-impl Backoff {
-    fn new() -> Backoff {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos() as u64)
-            .unwrap_or(1)
-            ^ (u64::from(std::process::id()) << 32);
-        Backoff { attempt: 0, state: seed | 1 }
-    }
-    fn reset(&mut self) {
-        self.attempt = 0;
-    }
-    /// 0.5s, 1s, 2s … up to 30s, each times a factor in [0.5, 1.5).
-    fn next(&mut self) -> Duration {
-        let base =
-            Duration::from_millis(500).saturating_mul(1 << self.attempt.min(6)).min(Duration::from_secs(30));
-        self.attempt += 1;
-        // xorshift64
-        self.state ^= self.state << 13;
-        self.state ^= self.state >> 7;
-        self.state ^= self.state << 17;
-        let factor = 0.5 + (self.state % 1000) as f64 / 1000.0;
-        base.mul_f64(factor)
-    }
-}
-
 async fn run(opts: Options, tx: mpsc::Sender<Update>) {
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::discovery();
     let mut last: Option<(Vec<Address>, Vec<String>)> = None;
     loop {
         let client = match Client::new(&opts) {
             Ok(c) => c,
             Err(why) => {
                 let _ = tx.send(Update::Failing(why)).await;
-                tokio::time::sleep(backoff.next().max(Duration::from_secs(5))).await;
+                tokio::time::sleep(backoff.next_delay().max(Duration::from_secs(5))).await;
                 continue;
             }
         };
@@ -168,7 +136,7 @@ async fn run(opts: Options, tx: mpsc::Sender<Update>) {
                     .await;
             }
             End::Error(e) => {
-                let delay = backoff.next();
+                let delay = backoff.next_delay();
                 let _ = tx.send(Update::Restarted(format!("{e}; retrying in {delay:.1?}"))).await;
                 tokio::time::sleep(delay).await;
             }
@@ -1001,15 +969,5 @@ mod tests {
         assert_eq!(l.next_line().unwrap(), b"01234567\n");
         l.push(b"tail").unwrap();
         assert_eq!(l.finish().unwrap(), b"tail");
-    }
-
-    #[test]
-    fn backoff_grows_with_jitter_and_caps() {
-        let mut b = Backoff::new();
-        let d: Vec<Duration> = (0..10).map(|_| b.next()).collect();
-        assert!(d[0] >= Duration::from_millis(250) && d[0] < Duration::from_millis(750));
-        assert!(d[9] >= Duration::from_secs(15) && d[9] < Duration::from_secs(45));
-        b.reset();
-        assert!(b.next() < Duration::from_millis(750));
     }
 }
