@@ -334,7 +334,9 @@ pub async fn probe(config: &Config, inputs: &Inputs, master: &Master) -> Report 
             sender.ready().await.map_err(|e| e.to_string())?;
             let resp = sender.send_request(get(&path)?).await.map_err(|e| e.to_string())?;
             // From the API: bounded, and escaped for the terminal.
-            let body = crate::discovery::read_all(resp.into_body(), PROBE_BODY_LIMIT).await?;
+            let body = crate::discovery::read_all(resp.into_body(), PROBE_BODY_LIMIT)
+                .await
+                .map_err(|e| e.to_string())?;
             Some(crate::sanitize::untrusted(&String::from_utf8_lossy(&body), 2000))
         };
         Ok::<_, String>((status, verbose))

@@ -18,7 +18,117 @@ pub struct KubeconfigError {
     /// The kubeconfig.
     pub path: PathBuf,
     /// What is wrong.
-    pub problem: String,
+    #[source]
+    pub problem: KubeconfigProblem,
+}
+
+/// What is wrong with a kubeconfig, one variant per step of reading it.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeconfigProblem {
+    /// The kubeconfig itself cannot be read.
+    #[error("{0}")]
+    Read(#[source] std::io::Error),
+    /// It is not YAML, or not shaped like a kubeconfig.
+    #[error("{0}")]
+    Yaml(#[source] serde_yaml::Error),
+    /// `current-context` names no context (or there is none at all).
+    #[error("no context {0:?}")]
+    NoContext(String),
+    /// The context names a cluster that is not there.
+    #[error("no cluster {0:?}")]
+    NoCluster(String),
+    /// The cluster's `server` is not an `https://` URL.
+    #[error("server {0:?} is not an https:// URL")]
+    NotHttps(String),
+    /// The server's IPv6 host has no closing `]`.
+    #[error("server {0:?}: unclosed '['")]
+    UnclosedBracket(String),
+    /// The server's port is not a number in range.
+    #[error("server {url:?}: bad port {port:?}")]
+    BadPort {
+        /// The server URL.
+        url: String,
+        /// The port as written.
+        port: String,
+    },
+    /// `certificate-authority-data` is not base64.
+    #[error("certificate-authority-data: {0}")]
+    CaData(#[source] Base64Error),
+    /// `certificate-authority` cannot be read.
+    #[error("certificate-authority {}: {source}", path.display())]
+    CaFile {
+        /// The CA file, resolved.
+        path: PathBuf,
+        /// Why it cannot be read.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Verification is on and the cluster names no CA.
+    #[error("the cluster has no certificate-authority")]
+    NoCa,
+    /// The CA's PEM holds a block that is not a usable certificate.
+    #[error("CA: {0}")]
+    Ca(#[source] TlsError),
+    /// The CA's PEM holds no certificate.
+    #[error("the CA holds no certificate")]
+    EmptyCa,
+    /// A user's `<what>-data` (client certificate or key) is not base64.
+    #[error("{what}-data: {source}")]
+    PemData {
+        /// `client-certificate` or `client-key`.
+        what: &'static str,
+        /// The decoding error.
+        #[source]
+        source: Base64Error,
+    },
+    /// A user's `<what>` file (client certificate or key) cannot be read.
+    #[error("{what} {}: {source}", path.display())]
+    PemFile {
+        /// `client-certificate` or `client-key`.
+        what: &'static str,
+        /// The file, resolved.
+        path: PathBuf,
+        /// Why it cannot be read.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The user's `tokenFile` cannot be read or is not UTF-8.
+    #[error("tokenFile: {0}")]
+    TokenFile(#[source] std::io::Error),
+    /// The client certificate's PEM cannot be decoded.
+    #[error("client certificate: {0}")]
+    ClientCertificate(#[source] rustls::pki_types::pem::Error),
+    /// The client key's PEM cannot be decoded or holds no key.
+    #[error("client key: {0}")]
+    ClientKey(#[source] rustls::pki_types::pem::Error),
+    /// rustls cannot build the client (e.g. the key does not match).
+    #[error("{0}")]
+    Tls(#[source] TlsError),
+    /// The user can authenticate neither way.
+    #[error("the user has no client certificate or token")]
+    NoCredential,
+}
+
+/// A character that is not standard or URL-safe base64.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid base64 character {0:?}")]
+pub struct Base64Error(pub char);
+
+/// The kubeconfig's server cannot be resolved (with `via: kubeconfig`).
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    /// The resolver failed.
+    #[error("cannot resolve {server}: {source}")]
+    Failed {
+        /// `host:port`.
+        server: String,
+        /// The resolver's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The name has no address.
+    #[error("{0} resolves to no address")]
+    NoAddress(String),
 }
 
 #[derive(Deserialize)]
@@ -121,20 +231,20 @@ impl std::fmt::Debug for KubeAccess {
 
 impl KubeAccess {
     /// Where to connect when going straight to the kubeconfig's server.
-    pub fn server_addr(&self) -> Result<SocketAddr, String> {
+    pub fn server_addr(&self) -> Result<SocketAddr, ResolveError> {
         use std::net::ToSocketAddrs;
         self.server
             .to_socket_addrs()
-            .map_err(|e| format!("cannot resolve {}: {e}", self.server))?
+            .map_err(|source| ResolveError::Failed { server: self.server.clone(), source })?
             .next()
-            .ok_or_else(|| format!("{} resolves to no address", self.server))
+            .ok_or_else(|| ResolveError::NoAddress(self.server.clone()))
     }
 }
 
 /// Reads the kubeconfig at `path`.
 pub fn load(path: &Path) -> Result<KubeAccess, KubeconfigError> {
     let text = std::fs::read_to_string(path)
-        .map_err(|e| KubeconfigError { path: path.to_owned(), problem: e.to_string() })?;
+        .map_err(|e| KubeconfigError { path: path.to_owned(), problem: KubeconfigProblem::Read(e) })?;
     parse(path, &text, &|p: &Path| std::fs::read(p))
 }
 
@@ -145,8 +255,8 @@ pub(crate) fn parse(
     text: &str,
     read: &dyn Fn(&Path) -> std::io::Result<Vec<u8>>,
 ) -> Result<KubeAccess, KubeconfigError> {
-    let err = |problem: String| KubeconfigError { path: path.to_owned(), problem };
-    let raw: Raw = serde_yaml::from_str(text).map_err(|e| err(e.to_string()))?;
+    let err = |problem: KubeconfigProblem| KubeconfigError { path: path.to_owned(), problem };
+    let raw: Raw = serde_yaml::from_str(text).map_err(|e| err(KubeconfigProblem::Yaml(e)))?;
     let files = Files { base: path.parent().unwrap_or(Path::new("/")), read };
     let (cluster, user) = current(&raw).map_err(err)?;
     let (server, server_host) = parse_server(&cluster.server).map_err(err)?;
@@ -168,13 +278,13 @@ pub(crate) fn parse(
     };
     let tls = tls::client_config(provider, verification, client).map_err(|e| {
         err(match e {
-            TlsError::ClientChain(e) => format!("client certificate: {e}"),
-            TlsError::ClientKey(e) => format!("client key: {e}"),
-            e => e.to_string(),
+            TlsError::ClientChain(e) => KubeconfigProblem::ClientCertificate(e),
+            TlsError::ClientKey(e) => KubeconfigProblem::ClientKey(e),
+            e => KubeconfigProblem::Tls(e),
         })
     })?;
     if auth == "none" {
-        return Err(err("the user has no client certificate or token".into()));
+        return Err(err(KubeconfigProblem::NoCredential));
     }
     Ok(KubeAccess {
         path: path.to_owned(),
@@ -208,13 +318,19 @@ impl Files<'_> {
         &self,
         data: &Option<String>,
         file: &Option<PathBuf>,
-        what: &str,
-    ) -> Result<Option<Vec<u8>>, String> {
+        what: &'static str,
+    ) -> Result<Option<Vec<u8>>, KubeconfigProblem> {
         match (data, file) {
-            (Some(d), _) => decode_base64(d).map(Some).map_err(|e| format!("{what}-data: {e}")),
+            (Some(d), _) => {
+                decode_base64(d).map(Some).map_err(|source| KubeconfigProblem::PemData { what, source })
+            }
             (None, Some(f)) => {
-                let f = self.resolve(f);
-                (self.read)(&f).map(Some).map_err(|e| format!("{what} {}: {e}", f.display()))
+                let path = self.resolve(f);
+                (self.read)(&path).map(Some).map_err(|source| KubeconfigProblem::PemFile {
+                    what,
+                    path,
+                    source,
+                })
             }
             (None, None) => Ok(None),
         }
@@ -223,36 +339,36 @@ impl Files<'_> {
 
 /// The current context's cluster and user (the first context when none is
 /// current).
-fn current(raw: &Raw) -> Result<(&Cluster, Option<&User>), String> {
+fn current(raw: &Raw) -> Result<(&Cluster, Option<&User>), KubeconfigProblem> {
     let context = if raw.current_context.is_empty() {
         raw.contexts.first()
     } else {
         raw.contexts.iter().find(|c| c.name == raw.current_context)
     }
-    .ok_or_else(|| format!("no context {:?}", raw.current_context))?;
+    .ok_or_else(|| KubeconfigProblem::NoContext(raw.current_context.clone()))?;
     let cluster = raw
         .clusters
         .iter()
         .find(|c| c.name == context.context.cluster)
         .map(|c| &c.cluster)
-        .ok_or_else(|| format!("no cluster {:?}", context.context.cluster))?;
+        .ok_or_else(|| KubeconfigProblem::NoCluster(context.context.cluster.clone()))?;
     let user = raw.users.iter().find(|u| u.name == context.context.user).map(|u| &u.user);
     Ok((cluster, user))
 }
 
 /// The roots the cluster's certificate-authority(-data) holds.
-fn cluster_roots(cluster: &Cluster, files: &Files<'_>) -> Result<rustls::RootCertStore, String> {
+fn cluster_roots(cluster: &Cluster, files: &Files<'_>) -> Result<rustls::RootCertStore, KubeconfigProblem> {
     let ca_pem = match (&cluster.ca_data, &cluster.ca_file) {
-        (Some(data), _) => decode_base64(data).map_err(|e| format!("certificate-authority-data: {e}"))?,
+        (Some(data), _) => decode_base64(data).map_err(KubeconfigProblem::CaData)?,
         (None, Some(file)) => {
-            let file = files.resolve(file);
-            (files.read)(&file).map_err(|e| format!("certificate-authority {}: {e}", file.display()))?
+            let path = files.resolve(file);
+            (files.read)(&path).map_err(|source| KubeconfigProblem::CaFile { path, source })?
         }
-        (None, None) => return Err("the cluster has no certificate-authority".into()),
+        (None, None) => return Err(KubeconfigProblem::NoCa),
     };
-    let roots = tls::roots(&ca_pem).map_err(|e| format!("CA: {e}"))?;
+    let roots = tls::roots(&ca_pem).map_err(KubeconfigProblem::Ca)?;
     if roots.is_empty() {
-        return Err("the CA holds no certificate".into());
+        return Err(KubeconfigProblem::EmptyCa);
     }
     Ok(roots)
 }
@@ -270,7 +386,7 @@ struct UserCredentials {
 }
 
 /// Reads the user's client certificate, key and token (inline or files).
-fn user_credentials(u: &User, files: &Files<'_>) -> Result<UserCredentials, String> {
+fn user_credentials(u: &User, files: &Files<'_>) -> Result<UserCredentials, KubeconfigProblem> {
     let cert = files.pem(&u.cert_data, &u.cert_file, "client-certificate")?;
     let key = files.pem(&u.key_data, &u.key_file, "client-key")?;
     let token = if let Some(t) = &u.token {
@@ -282,7 +398,7 @@ fn user_credentials(u: &User, files: &Files<'_>) -> Result<UserCredentials, Stri
                     std::io::Error::new(std::io::ErrorKind::InvalidData, "stream did not contain valid UTF-8")
                 })
             })
-            .map_err(|e| format!("tokenFile: {e}"))?;
+            .map_err(KubeconfigProblem::TokenFile)?;
         Some(Secret::new(t.trim()))
     } else {
         None
@@ -292,12 +408,12 @@ fn user_credentials(u: &User, files: &Files<'_>) -> Result<UserCredentials, Stri
 
 /// `https://host:port` → (`host:port`, `host`); IPv6 hosts keep brackets
 /// in the first and lose them in the second.
-fn parse_server(url: &str) -> Result<(String, String), String> {
-    let rest =
-        url.strip_prefix("https://").ok_or_else(|| format!("server {url:?} is not an https:// URL"))?;
+fn parse_server(url: &str) -> Result<(String, String), KubeconfigProblem> {
+    let rest = url.strip_prefix("https://").ok_or_else(|| KubeconfigProblem::NotHttps(url.to_owned()))?;
     let authority = rest.split('/').next().unwrap_or_default();
     let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        let (h, after) = v6.split_once(']').ok_or_else(|| format!("server {url:?}: unclosed '['"))?;
+        let (h, after) =
+            v6.split_once(']').ok_or_else(|| KubeconfigProblem::UnclosedBracket(url.to_owned()))?;
         (h.to_owned(), after.strip_prefix(':').unwrap_or("443").to_owned())
     } else {
         match authority.rsplit_once(':') {
@@ -305,13 +421,14 @@ fn parse_server(url: &str) -> Result<(String, String), String> {
             None => (authority.to_owned(), "443".to_owned()),
         }
     };
-    let port: u16 = port.parse().map_err(|_| format!("server {url:?}: bad port {port:?}"))?;
+    let port: u16 =
+        port.parse().map_err(|_| KubeconfigProblem::BadPort { url: url.to_owned(), port: port.clone() })?;
     let hostport = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
     Ok((hostport, host))
 }
 
 /// Decodes standard base64 (with or without padding; whitespace ignored).
-pub fn decode_base64(s: &str) -> Result<Vec<u8>, String> {
+pub fn decode_base64(s: &str) -> Result<Vec<u8>, Base64Error> {
     let mut out = Vec::with_capacity(s.len() * 3 / 4);
     let mut acc: u32 = 0;
     let mut bits = 0;
@@ -322,7 +439,7 @@ pub fn decode_base64(s: &str) -> Result<Vec<u8>, String> {
             b'0'..=b'9' => c - b'0' + 52,
             b'+' | b'-' => 62,
             b'/' | b'_' => 63,
-            _ => return Err(format!("invalid base64 character {:?}", c as char)),
+            _ => return Err(Base64Error(c as char)),
         };
         acc = (acc << 6) | u32::from(v);
         bits += 6;

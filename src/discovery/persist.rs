@@ -4,7 +4,7 @@
 //! A missing file is normal; a corrupt or unreadable one is reported and
 //! ignored, never fatal: the static seeds still work.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -28,27 +28,77 @@ struct Entry {
     address: String,
 }
 
+/// Why the saved set cannot be used: a warning for the log, never fatal.
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    /// The file exists but cannot be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        /// The saved set's file.
+        path: PathBuf,
+        /// The read error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not the saved set's JSON.
+    #[error("{} is corrupt: {source}", path.display())]
+    Corrupt {
+        /// The saved set's file.
+        path: PathBuf,
+        /// The JSON error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// An entry's address does not parse.
+    #[error("{} is corrupt: {problem}", path.display())]
+    BadAddress {
+        /// The saved set's file.
+        path: PathBuf,
+        /// What is wrong with the address (the config's own message).
+        problem: String,
+    },
+    /// A format version this apilb does not know (written by a newer one).
+    #[error("{} has unknown format version {version}", path.display())]
+    Version {
+        /// The saved set's file.
+        path: PathBuf,
+        /// The version found.
+        version: u32,
+    },
+}
+
+/// Errors compare by their message: the fuzz target compares parse results,
+/// and the JSON error inside has no equality of its own.
+impl PartialEq for PersistError {
+    fn eq(&self, other: &Self) -> bool {
+        self.to_string() == other.to_string()
+    }
+}
+
 /// Reads the saved set. `Err` carries a warning for the log; the caller
 /// goes on without it.
-pub fn load(path: &Path) -> Result<Vec<Master>, String> {
+pub fn load(path: &Path) -> Result<Vec<Master>, PersistError> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        Err(source) => return Err(PersistError::Read { path: path.to_owned(), source }),
     };
     parse(&text, path)
 }
 
 /// Parses the saved set's JSON; `path` names the file in the warnings.
-pub fn parse(text: &str, path: &Path) -> Result<Vec<Master>, String> {
-    let file: File = serde_json::from_str(text).map_err(|e| format!("{} is corrupt: {e}", path.display()))?;
+pub fn parse(text: &str, path: &Path) -> Result<Vec<Master>, PersistError> {
+    let file: File = serde_json::from_str(text)
+        .map_err(|source| PersistError::Corrupt { path: path.to_owned(), source })?;
     if file.version != 1 {
-        return Err(format!("{} has unknown format version {}", path.display(), file.version));
+        return Err(PersistError::Version { path: path.to_owned(), version: file.version });
     }
     let mut masters = Vec::with_capacity(file.masters.len());
     for e in file.masters {
-        let address: Address =
-            e.address.parse().map_err(|err| format!("{} is corrupt: {err}", path.display()))?;
+        let address: Address = e
+            .address
+            .parse()
+            .map_err(|problem| PersistError::BadAddress { path: path.to_owned(), problem })?;
         masters.push(Master { name: e.name, address });
     }
     Ok(masters)
@@ -89,11 +139,11 @@ mod tests {
         save(&p, &m).unwrap();
         assert_eq!(load(&p).unwrap(), m);
         std::fs::write(&p, "{not json").unwrap();
-        assert!(load(&p).unwrap_err().contains("is corrupt"));
+        assert!(load(&p).unwrap_err().to_string().contains("is corrupt"));
         std::fs::write(&p, r#"{"version":1,"saved_at":0,"masters":[{"name":"x","address":"nope"}]}"#)
             .unwrap();
-        assert!(load(&p).unwrap_err().contains("has no port"));
+        assert!(load(&p).unwrap_err().to_string().contains("has no port"));
         std::fs::write(&p, r#"{"version":9,"saved_at":0,"masters":[]}"#).unwrap();
-        assert!(load(&p).unwrap_err().contains("unknown format version 9"));
+        assert!(load(&p).unwrap_err().to_string().contains("unknown format version 9"));
     }
 }
