@@ -7,7 +7,8 @@
 //!    impl. serde_yaml then reports the failure with the field's path and
 //!    the line, e.g. `masters[2]: "10.0.0.3" has no port … at line 4 column 5`.
 //! 2. Rules that span fields (no duplicate masters, a CA unless verification
-//!    is explicitly off) run in [`Config::validate`] and name the field path.
+//!    is explicitly off) run in [`Config::validate`] and name the field path;
+//!    every broken one is reported at once (one line each).
 //!
 //! Nothing here touches the network or binds a port; files referenced by the
 //! config (CA, token, certificates, passwords) are read later, by
@@ -64,6 +65,43 @@ pub enum ConfigError {
         /// What is wrong, in words a user can act on.
         message: String,
     },
+    /// Several rules spanning fields are broken: all are reported at once,
+    /// one line each, so one edit can fix them all.
+    #[error("{}", problems.iter().map(|p| format!("{origin}: {p}")).collect::<Vec<_>>().join("\n"))]
+    InvalidMany {
+        /// The file (or `<inline>`).
+        origin: String,
+        /// Every broken rule, in the order the fields are checked.
+        problems: Vec<FieldProblem>,
+    },
+}
+
+/// A setting's field path and its value as text.
+type FieldText = (String, String);
+
+/// One broken cross-field rule.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldProblem {
+    /// Dotted path of the offending field, e.g. `masters[2].name`.
+    pub field: String,
+    /// What is wrong, in words a user can act on.
+    pub message: String,
+}
+
+/// The problems found by [`Config::validate`], at most one per field (the
+/// first: a later rule on the same field often follows from it).
+#[derive(Default)]
+struct Problems(Vec<FieldProblem>);
+
+impl Problems {
+    /// Records that `field` breaks a rule, unless it already broke one.
+    fn add(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        let field = field.into();
+        if !self.0.iter().any(|p| p.field == field) {
+            self.0.push(FieldProblem { field, message: message.into() });
+        }
+    }
 }
 
 /// The whole configuration, as written in `apilb.yaml` (after defaults).
@@ -267,12 +305,15 @@ impl Config {
         }
         let config: Config = serde_yaml::from_str(text)
             .map_err(|source| ConfigError::Parse { origin: origin.to_owned(), source })?;
-        config.validate().map_err(|(field, message)| ConfigError::Invalid {
-            origin: origin.to_owned(),
-            field,
-            message,
-        })?;
-        Ok(config)
+        let mut problems = config.validate();
+        match problems.len() {
+            0 => Ok(config),
+            1 => {
+                let FieldProblem { field, message } = problems.remove(0);
+                Err(ConfigError::Invalid { origin: origin.to_owned(), field, message })
+            }
+            _ => Err(ConfigError::InvalidMany { origin: origin.to_owned(), problems }),
+        }
     }
 
     /// SHA-256 of the settings, as they shape the data plane: everything in
@@ -287,125 +328,128 @@ impl Config {
         crate::digest::sha256_hex(&json)
     }
 
-    /// Cross-field rules. Returns the offending field's path and a message.
-    fn validate(&self) -> Result<(), (String, String)> {
+    /// Cross-field rules. Returns every broken one (the field's path and a
+    /// message), at most one per field; empty when the config is valid.
+    fn validate(&self) -> Vec<FieldProblem> {
+        let mut p = Problems::default();
+        self.validate_masters(&mut p);
+        self.validate_health(&mut p);
+        self.validate_ranges(&mut p);
+        self.validate_listeners(&mut p);
+        self.validate_dirs(&mut p);
+        self.validate_text(&mut p);
+        p.0
+    }
+
+    /// At least one master; no address or name twice.
+    fn validate_masters(&self, p: &mut Problems) {
         if self.masters.is_empty() {
-            return Err(("masters".into(), "at least one master is required, e.g. `- 10.0.0.1:6443`".into()));
+            p.add("masters", "at least one master is required, e.g. `- 10.0.0.1:6443`");
         }
         let mut by_address: HashMap<String, usize> = HashMap::new();
         let mut by_name: HashMap<&str, usize> = HashMap::new();
         for (i, m) in self.masters.iter().enumerate() {
             if let Some(j) = by_address.insert(m.address.key(), i) {
-                return Err((
-                    format!("masters[{i}]"),
-                    format!("{} is listed twice (also masters[{j}])", m.address),
-                ));
+                p.add(format!("masters[{i}]"), format!("{} is listed twice (also masters[{j}])", m.address));
+                // Its name, derived from the address, repeats too.
+                continue;
             }
             if let Some(j) = by_name.insert(&m.name, i) {
-                return Err((
+                p.add(
                     format!("masters[{i}].name"),
                     format!(
                         "\"{}\" is used twice (also masters[{j}]); give each master its own name",
                         m.name
                     ),
-                ));
+                );
             }
         }
+    }
 
+    /// The check's verification, credential and expected statuses agree.
+    fn validate_health(&self, p: &mut Problems) {
         let tls = &self.health.tls;
         if tls.ca_file.is_none() && !tls.insecure_skip_verify && self.health.auth.mode != AuthMode::Auto {
-            return Err((
-                "health.tls.ca_file".into(),
+            p.add(
+                "health.tls.ca_file",
                 "is required to verify the API servers' certificate; set it, or set \
-                 health.tls.insecure_skip_verify: true to check without verification"
-                    .into(),
-            ));
+                 health.tls.insecure_skip_verify: true to check without verification",
+            );
         }
         if tls.ca_file.is_some() && tls.insecure_skip_verify {
-            return Err((
-                "health.tls.insecure_skip_verify".into(),
-                "is true but ca_file is set; remove one of them".into(),
-            ));
+            p.add("health.tls.insecure_skip_verify", "is true but ca_file is set; remove one of them");
         }
         let auth = &self.health.auth;
         match auth.mode {
             AuthMode::Bearer if auth.token_file.is_none() => {
-                return Err((
-                    "health.auth.token_file".into(),
-                    "is required when health.auth.mode is bearer".into(),
-                ));
+                p.add("health.auth.token_file", "is required when health.auth.mode is bearer")
             }
             AuthMode::ClientCert if auth.cert_file.is_none() => {
-                return Err((
-                    "health.auth.cert_file".into(),
-                    "is required when health.auth.mode is client_cert".into(),
-                ));
+                p.add("health.auth.cert_file", "is required when health.auth.mode is client_cert")
             }
-            AuthMode::None if auth.token_file.is_some() || auth.cert_file.is_some() => {
-                return Err((
-                    "health.auth.mode".into(),
-                    "is none, but token_file or cert_file is set; use bearer, client_cert or auto".into(),
-                ));
-            }
+            AuthMode::None if auth.token_file.is_some() || auth.cert_file.is_some() => p.add(
+                "health.auth.mode",
+                "is none, but token_file or cert_file is set; use bearer, client_cert or auto",
+            ),
             _ => {}
         }
         if auth.key_file.is_some() && auth.cert_file.is_none() {
-            return Err(("health.auth.key_file".into(), "is set without health.auth.cert_file".into()));
+            p.add("health.auth.key_file", "is set without health.auth.cert_file");
         }
         if self.health.expect_status.is_empty() {
-            return Err(("health.expect_status".into(), "needs at least one status code, e.g. [200]".into()));
+            p.add("health.expect_status", "needs at least one status code, e.g. [200]");
         }
+    }
 
-        let check_ms = |field: &str, d: Duration, min_ms: u64| {
+    /// Durations, counts and limits within their ranges.
+    fn validate_ranges(&self, p: &mut Problems) {
+        for (field, d, min_ms) in [
+            ("health.interval", self.health.interval, 100),
+            ("health.timeout", self.health.timeout, 100),
+            ("timeouts.connect", self.timeouts.connect, 100),
+            ("timeouts.client", self.timeouts.client, 1000),
+            ("timeouts.server", self.timeouts.server, 1000),
+            ("haproxy.hard_stop_after", self.haproxy.hard_stop_after, 1000),
+        ] {
             if d.as_millis() < min_ms {
-                Err((field.to_owned(), format!("{d} is too short; the minimum is {min_ms}ms")))
-            } else {
-                Ok(())
+                p.add(field, format!("{d} is too short; the minimum is {min_ms}ms"));
             }
-        };
-        check_ms("health.interval", self.health.interval, 100)?;
-        check_ms("health.timeout", self.health.timeout, 100)?;
-        check_ms("timeouts.connect", self.timeouts.connect, 100)?;
-        check_ms("timeouts.client", self.timeouts.client, 1000)?;
-        check_ms("timeouts.server", self.timeouts.server, 1000)?;
-        check_ms("haproxy.hard_stop_after", self.haproxy.hard_stop_after, 1000)?;
+        }
         for (field, v) in [("health.rise", self.health.rise), ("health.fall", self.health.fall)] {
             if !(1..=100).contains(&v) {
-                return Err((field.into(), format!("{v} is out of range 1..=100")));
+                p.add(field, format!("{v} is out of range 1..=100"));
             }
         }
         if !(1..=1_000_000).contains(&self.haproxy.maxconn) {
-            return Err((
-                "haproxy.maxconn".into(),
-                format!("{} is out of range 1..=1000000", self.haproxy.maxconn),
-            ));
+            p.add("haproxy.maxconn", format!("{} is out of range 1..=1000000", self.haproxy.maxconn));
         }
-
         if let Some(k) = &self.discovery.kubernetes
             && !(1..=256).contains(&k.max_masters)
         {
-            return Err((
-                "discovery.kubernetes.max_masters".into(),
-                format!("{} is out of range 1..=256", k.max_masters),
-            ));
+            p.add("discovery.kubernetes.max_masters", format!("{} is out of range 1..=256", k.max_masters));
         }
+    }
+
+    /// Listeners do not collide, and none is exposed off the node unless
+    /// the config says so.
+    fn validate_listeners(&self, p: &mut Problems) {
         if let Some(stats) = &self.stats {
             if !stats.listen.0.ip().is_loopback() && stats.auth.is_none() {
-                return Err((
-                    "stats.listen".into(),
+                p.add(
+                    "stats.listen",
                     format!(
                         "{} is not a loopback address; exposing HAProxy's stats and /metrics off \
                          the node requires stats.auth",
                         stats.listen
                     ),
-                ));
+                );
             }
             if stats.listen.0 == self.listen.0 {
-                return Err(("stats.listen".into(), "is the same address as listen".into()));
+                p.add("stats.listen", "is the same address as listen");
             }
         }
         if self.metrics.listen.0 == self.listen.0 {
-            return Err(("metrics.listen".into(), "is the same address as listen".into()));
+            p.add("metrics.listen", "is the same address as listen");
         }
         for (field, addr, exposed, why) in [
             (
@@ -422,47 +466,81 @@ impl Config {
             ),
         ] {
             if !addr.ip().is_loopback() && !self.expose.contains(&exposed) {
-                return Err((
-                    field.into(),
+                p.add(
+                    field,
                     format!(
                         "{addr} is not a loopback address: {why}. If that is intended, say so with \
                          `expose: [{}]`",
                         exposed.as_str()
                     ),
-                ));
+                );
             }
         }
+    }
 
+    /// The directories are absolute, and short enough for unix sockets.
+    fn validate_dirs(&self, p: &mut Problems) {
         for (field, dir) in [
             ("haproxy.runtime_dir", &self.haproxy.runtime_dir),
             ("haproxy.state_dir", &self.haproxy.state_dir),
         ] {
             if !dir.is_absolute() {
-                return Err((field.into(), format!("{} must be an absolute path", dir.display())));
+                p.add(field, format!("{} must be an absolute path", dir.display()));
             }
         }
         let longest =
             self.haproxy.runtime_dir.as_os_str().len() + crate::layout::Paths::master_socket_name_len();
         if longest > MAX_UNIX_SOCKET_PATH {
-            return Err((
-                "haproxy.runtime_dir".into(),
+            p.add(
+                "haproxy.runtime_dir",
                 format!(
                     "{} is too long: unix socket paths inside it would exceed {MAX_UNIX_SOCKET_PATH} bytes",
                     self.haproxy.runtime_dir.display()
                 ),
-            ));
+            );
         }
+    }
 
-        // haproxy.cfg holds these paths as bare words, and names and paths
-        // in its comments: a line break would end the line, and a blank,
-        // '#', a quote or '\' would cut or change the word.
+    /// Paths and names that haproxy.cfg holds: it holds these paths as
+    /// bare words, and names and paths in its comments: a line break would
+    /// end the line, and a blank, '#', a quote or '\' would cut or change
+    /// the word.
+    fn validate_text(&self, p: &mut Problems) {
+        let (words, lines) = self.text_in_haproxy_cfg();
+        for (field, s) in words {
+            // ';' separates commands on HAProxy's runtime API, which
+            // `add server` passes these paths to.
+            let bad = |c: &char| {
+                c.is_control() || c.is_ascii_whitespace() || matches!(c, '#' | '"' | '\'' | '\\' | ';')
+            };
+            if let Some(c) = s.chars().find(bad) {
+                p.add(
+                    field,
+                    format!(
+                        "{s:?} contains {c:?}; haproxy.cfg and HAProxy's runtime API cannot take a path with \
+                         blanks, control characters, '#', quotes, '\\' or ';'"
+                    ),
+                );
+            }
+        }
+        for (field, s) in lines {
+            if let Some(c) = s.chars().find(|c| c.is_control()) {
+                p.add(field, format!("{s:?} contains the control character {c:?}"));
+            }
+        }
+    }
+
+    /// The settings haproxy.cfg holds as bare words (paths), and those it
+    /// only names in comments, by field.
+    fn text_in_haproxy_cfg(&self) -> (Vec<FieldText>, Vec<FieldText>) {
         let text = |p: &Path| p.to_string_lossy().into_owned();
         let mut words = vec![
             ("haproxy.runtime_dir".to_owned(), text(&self.haproxy.runtime_dir)),
             ("haproxy.state_dir".to_owned(), text(&self.haproxy.state_dir)),
         ];
         let mut lines = Vec::new();
-        if let Some(ca) = &tls.ca_file {
+        let auth = &self.health.auth;
+        if let Some(ca) = &self.health.tls.ca_file {
             words.push(("health.tls.ca_file".to_owned(), text(ca)));
         }
         if let Some(p) = &auth.token_file {
@@ -478,28 +556,7 @@ impl Config {
                 words.push((format!("health.auth.well_known[{i}].ca_file"), text(ca)));
             }
         }
-        for (field, s) in words {
-            // ';' separates commands on HAProxy's runtime API, which
-            // `add server` passes these paths to.
-            let bad = |c: &char| {
-                c.is_control() || c.is_ascii_whitespace() || matches!(c, '#' | '"' | '\'' | '\\' | ';')
-            };
-            if let Some(c) = s.chars().find(bad) {
-                return Err((
-                    field,
-                    format!(
-                        "{s:?} contains {c:?}; haproxy.cfg and HAProxy's runtime API cannot take a path with \
-                         blanks, control characters, '#', quotes, '\\' or ';'"
-                    ),
-                ));
-            }
-        }
-        for (field, s) in lines {
-            if let Some(c) = s.chars().find(|c| c.is_control()) {
-                return Err((field, format!("{s:?} contains the control character {c:?}")));
-            }
-        }
-        Ok(())
+        (words, lines)
     }
 }
 

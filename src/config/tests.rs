@@ -493,3 +493,44 @@ fn discovery_settings() {
     );
     err_has("masters: [10.0.0.1:6443]\ndiscovery:\n  consul: {}\n", "discovery: unknown field `consul`");
 }
+
+/// Every broken cross-field rule is reported at once, one line each, in the
+/// order the fields are checked; a field is named once.
+#[test]
+fn every_cross_field_error_is_reported_at_once() {
+    let yaml = "masters: [10.0.0.1:6443, 10.0.0.1:6443]\n\
+                health: {tls: {ca_file: /ca.crt}, rise: 0, interval: 10ms}\n\
+                haproxy: {state_dir: state, maxconn: 0}\n";
+    let e = Config::parse(yaml, "test.yaml").unwrap_err();
+    let ConfigError::InvalidMany { problems, .. } = &e else { panic!("not several: {e:?}") };
+    let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        ["masters[1]", "health.interval", "health.rise", "haproxy.maxconn", "haproxy.state_dir"]
+    );
+    assert_eq!(
+        e.to_string(),
+        "test.yaml: masters[1]: 10.0.0.1:6443 is listed twice (also masters[0])\n\
+         test.yaml: health.interval: 10ms is too short; the minimum is 100ms\n\
+         test.yaml: health.rise: 0 is out of range 1..=100\n\
+         test.yaml: haproxy.maxconn: 0 is out of range 1..=1000000\n\
+         test.yaml: haproxy.state_dir: state must be an absolute path"
+    );
+}
+
+/// A single broken rule keeps the one-line form (`ConfigError::Invalid`).
+#[test]
+fn a_single_cross_field_error_is_one_line() {
+    let yaml = "masters: [10.0.0.1:6443]\nhealth: {tls: {ca_file: /ca.crt}, rise: 0}\n";
+    let e = Config::parse(yaml, "t.yaml").unwrap_err();
+    assert!(matches!(e, ConfigError::Invalid { .. }), "{e:?}");
+    assert_eq!(e.to_string(), "t.yaml: health.rise: 0 is out of range 1..=100");
+}
+
+/// A field breaking two rules is named once, with the first.
+#[test]
+fn a_field_is_reported_once() {
+    let dir = format!("run/{}", "x".repeat(120));
+    let e = err(&with_ca(&format!("haproxy: {{runtime_dir: {dir}}}\n")));
+    assert_eq!(e, format!("test.yaml: haproxy.runtime_dir: {dir} must be an absolute path"));
+}
