@@ -132,108 +132,127 @@ fn register<M: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: p
     m
 }
 
-fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    register(r, IntGaugeVec::new(Opts::new(name, help), labels))
+/// Creates metrics of each kind and registers them on one registry.
+struct Defs {
+    /// Where they are registered.
+    registry: Registry,
+}
+
+impl Defs {
+    fn gauge(&self, name: &str, help: &str) -> IntGauge {
+        register(&self.registry, IntGauge::new(name, help))
+    }
+    fn float(&self, name: &str, help: &str) -> Gauge {
+        register(&self.registry, Gauge::new(name, help))
+    }
+    fn counter(&self, name: &str, help: &str) -> IntCounter {
+        register(&self.registry, IntCounter::new(name, help))
+    }
+    fn gauge_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+        register(&self.registry, IntGaugeVec::new(Opts::new(name, help), labels))
+    }
+    fn float_vec(&self, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+        register(&self.registry, GaugeVec::new(Opts::new(name, help), labels))
+    }
+    fn counter_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+        register(&self.registry, IntCounterVec::new(Opts::new(name, help), labels))
+    }
 }
 
 impl Metrics {
-    /// Creates and registers every metric.
+    /// Creates and registers every metric, and the process metrics.
     pub fn new() -> Metrics {
-        let r = Registry::new();
-        let float_vec = |name: &str, help: &str, labels: &[&str]| {
-            register(&r, GaugeVec::new(Opts::new(name, help), labels))
-        };
-        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            register(&r, IntCounterVec::new(Opts::new(name, help), labels))
-        };
-        let gauge = |name: &str, help: &str| register(&r, IntGauge::new(name, help));
-        let m = Metrics {
-            master_up: gauge_vec(
-                &r,
+        let m = Metrics::table(Defs { registry: Registry::new() });
+        #[cfg(target_os = "linux")]
+        {
+            let pc = prometheus::process_collector::ProcessCollector::for_self();
+            let _ = m.registry.register(Box::new(pc));
+        }
+        m
+    }
+
+    /// Every apilb metric: its name, help and labels, one entry per field.
+    /// A declarative table (tests/code_shape.rs allows its length).
+    fn table(d: Defs) -> Metrics {
+        Metrics {
+            master_up: d.gauge_vec(
                 "apilb_master_up",
                 "1 while the master passes its checks and is in rotation.",
                 &["master"],
             ),
-            master_state: gauge_vec(
-                &r,
+            master_state: d.gauge_vec(
                 "apilb_master_state",
                 "1 for the master's current state (UP, DOWN, MAINT, DRAIN).",
                 &["master", "state"],
             ),
-            master_check_status: gauge_vec(
-                &r,
+            master_check_status: d.gauge_vec(
                 "apilb_master_check_status",
                 "1 for HAProxy's current check status of the master (L7OK, L4CON, L6TOUT, L7STS, ...).",
                 &["master", "status"],
             ),
-            master_check_http_code: gauge_vec(
-                &r,
+            master_check_http_code: d.gauge_vec(
                 "apilb_master_check_http_code",
                 "HTTP status of the master's last check; 0 when the check got no HTTP answer.",
                 &["master"],
             ),
-            master_check_duration_seconds: float_vec(
+            master_check_duration_seconds: d.float_vec(
                 "apilb_master_check_duration_seconds",
                 "Duration of the master's last check.",
                 &["master"],
             ),
-            master_sessions: gauge_vec(
-                &r,
+            master_sessions: d.gauge_vec(
                 "apilb_master_sessions",
                 "Current connections through the master's checked server.",
                 &["master"],
             ),
-            master_fallback_sessions: gauge_vec(
-                &r,
+            master_fallback_sessions: d.gauge_vec(
                 "apilb_master_fallback_sessions",
                 "Current connections through the master's fail-open twin (used only when every check fails).",
                 &["master"],
             ),
-            master_connection_errors_total: counter_vec(
+            master_connection_errors_total: d.counter_vec(
                 "apilb_master_connection_errors_total",
                 "Connections to the master that failed for good, after HAProxy's retries.",
                 &["master"],
             ),
-            master_redispatches_total: counter_vec(
+            master_redispatches_total: d.counter_vec(
                 "apilb_master_redispatches_total",
                 "Connections that failed on the master (refused, timed out) and were retried on \
                  another master without the client noticing.",
                 &["master"],
             ),
-            master_retries_total: counter_vec(
+            master_retries_total: d.counter_vec(
                 "apilb_master_retries_total",
                 "Connection attempts to the master that were retried.",
                 &["master"],
             ),
-            master_transitions_total: counter_vec(
+            master_transitions_total: d.counter_vec(
                 "apilb_master_transitions_total",
                 "State transitions of the master, by the state entered.",
                 &["master", "to"],
             ),
-            master_last_transition_timestamp_seconds: float_vec(
+            master_last_transition_timestamp_seconds: d.float_vec(
                 "apilb_master_last_transition_timestamp_seconds",
                 "When the master last changed state (Unix time).",
                 &["master"],
             ),
-            master_info: gauge_vec(
-                &r,
+            master_info: d.gauge_vec(
                 "apilb_master_info",
                 "1 per configured master, with its address and where it came from.",
                 &["master", "address", "source"],
             ),
-            masters_configured: gauge("apilb_masters_configured", "Masters in the configuration."),
-            masters_healthy: gauge("apilb_masters_healthy", "Masters passing their checks."),
-            haproxy_up: gauge(
+            masters_configured: d.gauge("apilb_masters_configured", "Masters in the configuration."),
+            masters_healthy: d.gauge("apilb_masters_healthy", "Masters passing their checks."),
+            haproxy_up: d.gauge(
                 "apilb_haproxy_up",
                 "1 while the HAProxy master runs and answers on its socket.",
             ),
-            haproxy_reloads_total: counter_vec(
+            haproxy_reloads_total: d.counter_vec(
                 "apilb_haproxy_reloads_total",
                 "Configuration reloads by result: success, invalid_config (refused before HAProxy saw it), refused (HAProxy refused it), failed.",
                 &["result"],
             ),
-            config_not_applied: gauge_vec(
-                &r,
+            config_not_applied: d.gauge_vec(
                 "apilb_config_not_applied",
                 "1 for the reason while the configuration file (apilb.yaml or a file it names) \
                  describes a change that is not in effect: invalid_config (the file is invalid, or \
@@ -241,104 +260,78 @@ impl Metrics {
                  failed (a step of the reload failed). 0 for every reason while the file is in effect.",
                 &["reason"],
             ),
-            haproxy_restarts_total: register(
-                &r,
-                IntCounter::new(
+            haproxy_restarts_total: d.counter(
                     "apilb_haproxy_restarts_total",
                     "Times apilb restarted HAProxy after it died.",
                 ),
-            ),
-            haproxy_workers: gauge_vec(
-                &r,
+            haproxy_workers: d.gauge_vec(
                 "apilb_haproxy_workers",
                 "HAProxy worker processes: current, and old ones still finishing connections after a reload.",
                 &["kind"],
             ),
-            haproxy_last_reload_failed: gauge(
+            haproxy_last_reload_failed: d.gauge(
                 "apilb_haproxy_last_reload_failed",
                 "1 while HAProxy's master reports that its last reload failed, so the worker from \
                  before it serves on (HAProxy 3.1+ calls this recovery mode).",
             ),
-            config_info: gauge_vec(
-                &r,
+            config_info: d.gauge_vec(
                 "apilb_config_info",
                 "1, labelled with the SHA-256 of the haproxy.cfg in effect (hash; differs per \
                  node when each node's own certificate is in it) and of the apilb.yaml settings \
                  it came from (settings_hash: equal on nodes that share a config).",
                 &["hash", "settings_hash"],
             ),
-            config_last_apply_timestamp_seconds: register(
-                &r,
-                Gauge::new(
+            config_last_apply_timestamp_seconds: d.float(
                     "apilb_config_last_apply_timestamp_seconds",
                     "When the configuration in effect was applied (Unix time).",
                 ),
-            ),
-            check_auth_info: gauge_vec(
-                &r,
+            check_auth_info: d.gauge_vec(
                 "apilb_check_auth_info",
                 "1, labelled with the credential the check presents (none, bearer, client_cert, bootstrap) and whether certificates are verified.",
                 &["mode", "verified"],
             ),
-            check_bootstrap: gauge(
+            check_bootstrap: d.gauge(
                 "apilb_check_bootstrap",
                 "1 while no credential exists yet, so checks accept 401/403 as 'alive, readiness unknown'.",
             ),
-            build_info: gauge_vec(
-                &r,
+            build_info: d.gauge_vec(
                 "apilb_build_info",
                 "1, labelled with apilb's and HAProxy's versions.",
                 &["version", "haproxy_version"],
             ),
-            poll_errors_total: register(
-                &r,
-                IntCounter::new("apilb_haproxy_poll_errors_total", "Failed polls of HAProxy's runtime API."),
-            ),
-            masters_by_source: gauge_vec(
-                &r,
+            poll_errors_total: d.counter("apilb_haproxy_poll_errors_total", "Failed polls of HAProxy's runtime API."),
+            masters_by_source: d.gauge_vec(
                 "apilb_masters",
                 "Masters in use, by source: static (apilb.yaml), discovered (the default/kubernetes \
                  endpoints) or persisted (saved by the previous run).",
                 &["source"],
             ),
-            discovery_enabled: gauge(
+            discovery_enabled: d.gauge(
                 "apilb_discovery_enabled",
                 "1 when discovery of the masters is configured.",
             ),
-            discovery_last_success_timestamp_seconds: register(
-                &r,
-                Gauge::new(
+            discovery_last_success_timestamp_seconds: d.float(
                     "apilb_discovery_last_success_timestamp_seconds",
                     "When discovery last read the API servers' endpoints (Unix time); 0 if never.",
                 ),
-            ),
-            discovery_watch_restarts_total: register(
-                &r,
-                IntCounter::new(
+            discovery_watch_restarts_total: d.counter(
                     "apilb_discovery_watch_restarts_total",
                     "Times the discovery watch started over (expired resourceVersion, errors).",
                 ),
-            ),
-            discovery_rejected: gauge(
+            discovery_rejected: d.gauge(
                 "apilb_discovery_rejected",
                 "1 while discovery refuses the API's answer as a whole (loopback or link-local masters, more \
                  than max_masters, none usable); the masters in use stay.",
             ),
-            master_changes_total: counter_vec(
+            master_changes_total: d.counter_vec(
                 "apilb_master_changes_total",
                 "Masters added or removed, by method: runtime (HAProxy's runtime API, no reload) or \
                  reload.",
                 &["method"],
             ),
             last_raw: Mutex::new(RawCounts::default()),
-            registry: r,
-        };
-        #[cfg(target_os = "linux")]
-        {
-            let pc = prometheus::process_collector::ProcessCollector::for_self();
-            let _ = m.registry.register(Box::new(pc));
+            registry: d.registry,
         }
-        m
     }
 
     /// The text exposition of every metric.

@@ -180,10 +180,10 @@ pub async fn probe_all(config: &Config, inputs: &Inputs, only: &[String]) -> Res
     Ok(reports)
 }
 
-/// Probes one master.
+/// Probes one master: TCP, then TLS, then HTTP, each step only if the one
+/// before it worked.
 pub async fn probe(config: &Config, inputs: &Inputs, master: &Master) -> Report {
     let h = &config.health;
-    let server_name = h.tls.server_name().to_owned();
     let mut r = Report {
         name: master.name.clone(),
         address: master.address.to_string(),
@@ -201,7 +201,18 @@ pub async fn probe(config: &Config, inputs: &Inputs, master: &Master) -> Report 
     // interval), then TLS and HTTP within the check timeout.
     let connect_limit = config.timeouts.connect.std().min(h.interval.std());
     let check_limit = h.timeout.std();
+    let Some(tcp) = connect(&mut r, master, connect_limit).await else { return r };
+    let Some(tls) = handshake(&mut r, config, inputs, tcp, check_limit).await else { return r };
+    request(&mut r, config, inputs, tls, check_limit).await;
+    r
+}
 
+/// The TLS stream the check runs over.
+type CheckStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// Resolves the master and connects within `connect_limit`; records the
+/// step (and a diagnosis) in `r`.
+async fn connect(r: &mut Report, master: &Master, connect_limit: Duration) -> Option<TcpStream> {
     let target = format!("{}:{}", master.address.host_str(), master.address.port);
     let addrs: Vec<SocketAddr> = match tokio::net::lookup_host(&target).await {
         Ok(a) => a.collect(),
@@ -211,19 +222,19 @@ pub async fn probe(config: &Config, inputs: &Inputs, master: &Master) -> Report 
                 "The name {} does not resolve on this node. Check DNS (/etc/resolv.conf) or use an IP address.",
                 master.address.host_str()
             ));
-            return r;
+            return None;
         }
     };
     let Some(&addr) = addrs.first() else {
         r.tcp = Step::Failed("the name resolved to no address".into());
-        return r;
+        return None;
     };
 
     let started = Instant::now();
-    let tcp = match tokio::time::timeout(connect_limit, TcpStream::connect(addr)).await {
+    match tokio::time::timeout(connect_limit, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => {
             r.tcp = Step::Ok(format!("connected to {addr} in {}", ms(started.elapsed())));
-            s
+            Some(s)
         }
         Ok(Err(e)) => {
             r.tcp = Step::Failed(format!("{addr}: {e}"));
@@ -235,7 +246,7 @@ pub async fn probe(config: &Config, inputs: &Inputs, master: &Master) -> Report 
             } else {
                 r.diagnosis.push(format!("Cannot connect to {addr}: {e}. Check routing and firewalls between this node and the master."));
             }
-            return r;
+            None
         }
         Err(_) => {
             r.tcp = Step::Failed(format!("no answer within {}", ms(connect_limit)));
@@ -244,27 +255,39 @@ pub async fn probe(config: &Config, inputs: &Inputs, master: &Master) -> Report 
                  packets, or the address is wrong. HAProxy reports this as L4TOUT.",
                 ms(connect_limit)
             ));
-            return r;
+            None
         }
-    };
+    }
+}
 
+/// The TLS handshake with the check's CA, SNI and client certificate,
+/// within `check_limit`; records the step, the certificate seen (and a
+/// diagnosis) in `r`.
+async fn handshake(
+    r: &mut Report,
+    config: &Config,
+    inputs: &Inputs,
+    tcp: TcpStream,
+    check_limit: Duration,
+) -> Option<CheckStream> {
+    let server_name = config.health.tls.server_name().to_owned();
     let (tls_config, recorder) = match client_config(inputs) {
         Ok(c) => c,
         Err(e) => {
             r.tls = Step::Failed(e.clone());
             r.diagnosis.push(format!("Cannot set up TLS with the configured files: {e}"));
-            return r;
+            return None;
         }
     };
     let Ok(sni) = ServerName::try_from(server_name.clone()) else {
         r.tls = Step::Failed(format!("{server_name:?} is not a valid server name"));
-        return r;
+        return None;
     };
     let tls_started = Instant::now();
     let handshake = tokio_rustls::TlsConnector::from(tls_config).connect(sni, tcp);
     let tls = tokio::time::timeout(check_limit, handshake).await;
     r.cert = recorder.seen().and_then(|c| cert_info(&c));
-    let tls = match tls {
+    match tls {
         Ok(Ok(s)) => {
             let version = s.get_ref().1.protocol_version().map(|v| format!("{v:?}")).unwrap_or_default();
             let how = match &inputs.check.verify {
@@ -284,14 +307,14 @@ pub async fn probe(config: &Config, inputs: &Inputs, master: &Master) -> Report 
                     c.expires_in_s / 86400
                 ));
             }
-            s
+            Some(s)
         }
         Ok(Err(e)) => {
             let rustls_err = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()).cloned();
             r.tls =
                 Step::Failed(rustls_err.as_ref().map(ToString::to_string).unwrap_or_else(|| e.to_string()));
             r.diagnosis.push(diagnose_tls(rustls_err.as_ref(), &e, config, inputs, r.cert.as_ref()));
-            return r;
+            None
         }
         Err(_) => {
             r.tls = Step::Failed(format!("no TLS handshake within {}", ms(check_limit)));
@@ -300,47 +323,21 @@ pub async fn probe(config: &Config, inputs: &Inputs, master: &Master) -> Report 
                  the API server process is stopped, hung or overloaded. HAProxy reports this as L6TOUT.",
                 ms(check_limit)
             ));
-            return r;
+            None
         }
-    };
+    }
+}
 
+/// The check's request (and `?verbose` when it fails), within
+/// `check_limit`; records the step, the status (and a diagnosis) in `r`.
+async fn request(r: &mut Report, config: &Config, inputs: &Inputs, tls: CheckStream, check_limit: Duration) {
+    let h = &config.health;
     let token = match &inputs.check.credential {
         Credential::Bearer { token, .. } => Some(token.expose().to_owned()),
         _ => None,
     };
     let http_started = Instant::now();
-    let request = async {
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        let get = |path: &str| {
-            let mut req = Request::get(path).header("host", server_name.as_str());
-            if let Some(t) = &token {
-                req = req.header("authorization", format!("Bearer {t}"));
-            }
-            req.body(Full::new(Bytes::new())).map_err(|e| e.to_string())
-        };
-        let resp = sender.send_request(get(&h.path.0)?).await.map_err(|e| e.to_string())?;
-        let status = resp.status().as_u16();
-        let _ = crate::discovery::read_all(resp.into_body(), PROBE_BODY_LIMIT).await;
-        let verbose = if inputs.check.accepted_statuses(&config.health.expect_status).contains(&status) {
-            None
-        } else {
-            let path = if h.path.0.contains('?') {
-                format!("{}&verbose", h.path.0)
-            } else {
-                format!("{}?verbose", h.path.0)
-            };
-            sender.ready().await.map_err(|e| e.to_string())?;
-            let resp = sender.send_request(get(&path)?).await.map_err(|e| e.to_string())?;
-            // From the API: bounded, and escaped for the terminal.
-            let body = crate::discovery::read_all(resp.into_body(), PROBE_BODY_LIMIT)
-                .await
-                .map_err(|e| e.to_string())?;
-            Some(crate::sanitize::untrusted(&String::from_utf8_lossy(&body), 2000))
-        };
-        Ok::<_, String>((status, verbose))
-    };
+    let request = exchange(config, inputs, tls, token.as_deref());
     match tokio::time::timeout(check_limit, request).await {
         Ok(Ok((status, verbose))) => {
             r.status = Some(status);
@@ -374,7 +371,48 @@ pub async fn probe(config: &Config, inputs: &Inputs, master: &Master) -> Report 
             ));
         }
     }
-    r
+}
+
+/// GET the health path with the credential; on a status that does not
+/// count as alive, also `?verbose` for the diagnosis.
+async fn exchange(
+    config: &Config,
+    inputs: &Inputs,
+    tls: CheckStream,
+    token: Option<&str>,
+) -> Result<(u16, Option<String>), String> {
+    let h = &config.health;
+    let server_name = h.tls.server_name();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let get = |path: &str| {
+        let mut req = Request::get(path).header("host", server_name);
+        if let Some(t) = &token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        req.body(Full::new(Bytes::new())).map_err(|e| e.to_string())
+    };
+    let resp = sender.send_request(get(&h.path.0)?).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let _ = crate::discovery::read_all(resp.into_body(), PROBE_BODY_LIMIT).await;
+    let verbose = if inputs.check.accepted_statuses(&config.health.expect_status).contains(&status) {
+        None
+    } else {
+        let path = if h.path.0.contains('?') {
+            format!("{}&verbose", h.path.0)
+        } else {
+            format!("{}?verbose", h.path.0)
+        };
+        sender.ready().await.map_err(|e| e.to_string())?;
+        let resp = sender.send_request(get(&path)?).await.map_err(|e| e.to_string())?;
+        // From the API: bounded, and escaped for the terminal.
+        let body = crate::discovery::read_all(resp.into_body(), PROBE_BODY_LIMIT)
+            .await
+            .map_err(|e| e.to_string())?;
+        Some(crate::sanitize::untrusted(&String::from_utf8_lossy(&body), 2000))
+    };
+    Ok((status, verbose))
 }
 
 fn diagnose_tls(
