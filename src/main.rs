@@ -204,76 +204,81 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
         }
         Command::Status { json, address } => status(&cli.config, json, address).await,
         Command::Reload { pid, timeout } => reload(&cli.config, pid, timeout).await,
-        Command::Probe { masters } => {
-            // The probe uses the check's settings only, never the HAProxy lines.
-            let loaded = apilb::load(&cli.config, None, Features::default()).map_err(config_error)?;
-            for note in &loaded.inputs.check.notes {
-                println!("note: {note}");
-            }
-            let reports = apilb::probe::probe_all(&loaded.config, &loaded.inputs, &masters)
-                .await
-                .map_err(|e| (EXIT_CONFIG, e))?;
-            for r in &reports {
-                println!("{}", apilb::probe::render(r));
-            }
-            let failed = reports.iter().filter(|r| !r.ok).count();
-            if failed > 0 {
-                return Err((
-                    EXIT_FAILURE,
-                    format!("{failed} of {} masters failed the check", reports.len()),
-                ));
-            }
-            Ok(())
-        }
-        Command::Render { output, show_secrets } => {
-            let (config, inputs) = apilb::load_parts(&cli.config).map_err(config_error)?;
-            // A few lines depend on the HAProxy version that will run them.
-            let features = match Binary::new(&config.haproxy.binary).version().await {
-                Ok(v) => v.features(),
-                Err(e) => {
-                    eprintln!("note: {e}; rendering for HAProxy 2.6");
-                    Features::default()
-                }
-            };
-            let paths = Paths::from_config(&config);
-            let loaded = apilb::assemble(config, inputs, &paths, features);
-            let text = if show_secrets {
-                loaded.rendered.text.expose().to_owned()
-            } else {
-                loaded.rendered.redacted()
-            };
-            match output {
-                Some(path) => apilb::fsutil::write_atomic(&path, text.as_bytes(), 0o600)
-                    .map_err(|e| (EXIT_FAILURE, format!("cannot write {}: {e}", path.display())))?,
-                None => print!("{text}"),
-            }
-            for aux in &loaded.rendered.aux_files {
-                eprintln!(
-                    "note: the config refers to {}, which `apilb run` writes before starting HAProxy",
-                    aux.path.display()
-                );
-            }
-            Ok(())
-        }
+        Command::Probe { masters } => probe(&cli.config, &masters).await,
+        Command::Render { output, show_secrets } => render(&cli.config, output, show_secrets).await,
         Command::Check => check(&cli.config).await,
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "apilb", &mut std::io::stdout());
             Ok(())
         }
-        Command::Man { out_dir } => {
-            let cmd = <Cli as clap::CommandFactory>::command();
-            let fail = |e: std::io::Error| (EXIT_FAILURE, format!("cannot write the manual pages: {e}"));
-            match out_dir {
-                Some(dir) => {
-                    std::fs::create_dir_all(&dir).map_err(fail)?;
-                    clap_mangen::generate_to(cmd, &dir).map_err(fail)?;
-                    let page = apilb::manual::config_page(env!("CARGO_PKG_VERSION"));
-                    std::fs::write(dir.join("apilb.yaml.5"), page).map_err(fail)
-                }
-                None => clap_mangen::Man::new(cmd).render(&mut std::io::stdout()).map_err(fail),
-            }
+        Command::Man { out_dir } => man(out_dir),
+    }
+}
+
+/// `apilb probe`: the check, step by step, against each master (or those
+/// named).
+async fn probe(config: &Path, masters: &[String]) -> Result<(), Failure> {
+    // The probe uses the check's settings only, never the HAProxy lines.
+    let loaded = apilb::load(config, None, Features::default()).map_err(config_error)?;
+    for note in &loaded.inputs.check.notes {
+        println!("note: {note}");
+    }
+    let reports = apilb::probe::probe_all(&loaded.config, &loaded.inputs, masters)
+        .await
+        .map_err(|e| (EXIT_CONFIG, e))?;
+    for r in &reports {
+        println!("{}", apilb::probe::render(r));
+    }
+    let failed = reports.iter().filter(|r| !r.ok).count();
+    if failed > 0 {
+        return Err((EXIT_FAILURE, format!("{failed} of {} masters failed the check", reports.len())));
+    }
+    Ok(())
+}
+
+/// `apilb render`: the haproxy.cfg the config gives, for the installed
+/// HAProxy, secrets redacted unless asked.
+async fn render(config_path: &Path, output: Option<PathBuf>, show_secrets: bool) -> Result<(), Failure> {
+    let (config, inputs) = apilb::load_parts(config_path).map_err(config_error)?;
+    // A few lines depend on the HAProxy version that will run them.
+    let features = match Binary::new(&config.haproxy.binary).version().await {
+        Ok(v) => v.features(),
+        Err(e) => {
+            eprintln!("note: {e}; rendering for HAProxy 2.6");
+            Features::default()
         }
+    };
+    let paths = Paths::from_config(&config);
+    let loaded = apilb::assemble(config, inputs, &paths, features);
+    let text =
+        if show_secrets { loaded.rendered.text.expose().to_owned() } else { loaded.rendered.redacted() };
+    match output {
+        Some(path) => apilb::fsutil::write_atomic(&path, text.as_bytes(), 0o600)
+            .map_err(|e| (EXIT_FAILURE, format!("cannot write {}: {e}", path.display())))?,
+        None => print!("{text}"),
+    }
+    for aux in &loaded.rendered.aux_files {
+        eprintln!(
+            "note: the config refers to {}, which `apilb run` writes before starting HAProxy",
+            aux.path.display()
+        );
+    }
+    Ok(())
+}
+
+/// `apilb man`: the manual pages, to a directory or stdout.
+fn man(out_dir: Option<PathBuf>) -> Result<(), Failure> {
+    let cmd = <Cli as clap::CommandFactory>::command();
+    let fail = |e: std::io::Error| (EXIT_FAILURE, format!("cannot write the manual pages: {e}"));
+    match out_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(&dir).map_err(fail)?;
+            clap_mangen::generate_to(cmd, &dir).map_err(fail)?;
+            let page = apilb::manual::config_page(env!("CARGO_PKG_VERSION"));
+            std::fs::write(dir.join("apilb.yaml.5"), page).map_err(fail)
+        }
+        None => clap_mangen::Man::new(cmd).render(&mut std::io::stdout()).map_err(fail),
     }
 }
 

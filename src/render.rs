@@ -260,6 +260,72 @@ pub fn quote_log_format(s: &str) -> String {
 /// an HAProxy with `features`.
 pub fn render(config: &Config, inputs: &Inputs, paths: &Paths, features: Features) -> Rendered {
     let plan = CheckPlan::new(config, inputs, paths, features);
+    let CheckParts { notes, aux_files, check_send, mut secrets } = check_parts(config, inputs, paths);
+    let check_expect = check_expect(&inputs.check.accepted_statuses(&config.health.expect_status));
+    let stats = stats_section(config, inputs, &mut secrets);
+    let t = &config.timeouts;
+    let cfg = HaproxyCfg {
+        notes,
+        stats_socket: paths.stats_socket().display().to_string(),
+        server_state_file: paths.server_state_file().display().to_string(),
+        hard_stop_after: config.haproxy.hard_stop_after.to_string(),
+        maxconn: config.haproxy.maxconn,
+        connect: t.connect.to_string(),
+        client: t.client.to_string(),
+        server: t.server.to_string(),
+        tunnel: t.tunnel().to_string(),
+        check_timeout: config.health.timeout.to_string(),
+        listen: config.listen.to_string(),
+        frontend: FRONTEND,
+        backend: BACKEND,
+        balance: config.balance.as_str(),
+        hash_consistent: config.balance == Balance::Source,
+        // Constant, so the master set can change at run time without any
+        // line but the server lines changing.
+        retries: 3,
+        check_send,
+        check_expect,
+        servers: server_lines(config, &plan),
+        resolvers: config.masters.iter().any(|m| m.address.is_dns()),
+        stats,
+        run_as: inputs.run_as.clone(),
+    };
+    // The template only interpolates strings; it cannot fail at run time.
+    let text = cfg.render().unwrap_or_else(|e| format!("# template error: {e}\n"));
+    seal(text, secrets, aux_files, features)
+}
+
+/// The rendered text with its hashes and the redactor of its secrets.
+fn seal(mut text: String, mut secrets: Vec<String>, aux_files: Vec<AuxFile>, features: Features) -> Rendered {
+    // HAProxy refuses a file whose last line has no newline; askama trims it.
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    let fingerprint = sha256_hex(text.as_bytes());
+    // Longest first, so a secret containing another is redacted whole.
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    secrets.dedup();
+    let redactor = Redactor { secrets: secrets.into_iter().map(Secret::new).collect() };
+    // What is shown: a hash over the text without its secrets, so that it
+    // cannot be used to test guesses of a token or a password offline.
+    let hash = sha256_hex(redactor.redact(&text).as_bytes());
+    Rendered { text: Secret::new(text), hash, fingerprint, aux_files, redactor, features }
+}
+
+/// What the check sends and the files and notes that come with it.
+struct CheckParts {
+    /// The comments on top of haproxy.cfg: credential, CA, bundle.
+    notes: Vec<String>,
+    /// The CA copy and the client bundle HAProxy reads.
+    aux_files: Vec<AuxFile>,
+    /// `http-check send`'s arguments (the bearer token included).
+    check_send: String,
+    /// Every form of the token the text holds, for the redactor.
+    secrets: Vec<String>,
+}
+
+/// The check's request, notes, files and secrets for `inputs`.
+fn check_parts(config: &Config, inputs: &Inputs, paths: &Paths) -> CheckParts {
     let mut secrets = Vec::new();
     let mut aux_files = Vec::new();
 
@@ -293,21 +359,27 @@ pub fn render(config: &Config, inputs: &Inputs, paths: &Paths, features: Feature
         }
         Credential::Anonymous => {}
     }
+    CheckParts { notes, aux_files, check_send, secrets }
+}
 
-    let statuses = inputs.check.accepted_statuses(&config.health.expect_status);
-    let check_expect = if statuses.len() == 1 {
+/// `http-check expect` for the statuses that count as alive.
+fn check_expect(statuses: &[u16]) -> String {
+    if statuses.len() == 1 {
         format!("status {}", statuses[0])
     } else {
         let alternatives: Vec<String> = statuses.iter().map(u16::to_string).collect();
         format!("rstatus ^({})$", alternatives.join("|"))
-    };
+    }
+}
 
+/// Every master's checked server, then every fail-open twin.
+fn server_lines(config: &Config, plan: &CheckPlan) -> Vec<ServerLine> {
     let mut servers = Vec::with_capacity(config.masters.len() * 2);
     for m in &config.masters {
         servers.push(ServerLine {
             name: m.name.clone(),
             address: m.address.to_string(),
-            params: server_params(&plan, m),
+            params: server_params(plan, m),
         });
     }
     for m in &config.masters {
@@ -317,8 +389,12 @@ pub fn render(config: &Config, inputs: &Inputs, paths: &Paths, features: Feature
             params: fallback_params(m),
         });
     }
+    servers
+}
 
-    let stats = config.stats.as_ref().map(|s| StatsSection {
+/// The stats listener, if configured; its password joins `secrets`.
+fn stats_section(config: &Config, inputs: &Inputs, secrets: &mut Vec<String>) -> Option<StatsSection> {
+    config.stats.as_ref().map(|s| StatsSection {
         listen: s.listen.to_string(),
         user: s.auth.as_ref().zip(inputs.stats_password.as_ref()).map(|(a, pw)| {
             let quoted = quote(pw.expose());
@@ -326,50 +402,7 @@ pub fn render(config: &Config, inputs: &Inputs, paths: &Paths, features: Feature
             secrets.push(quoted.clone());
             (a.user.clone(), quoted)
         }),
-    });
-
-    let t = &config.timeouts;
-    let cfg = HaproxyCfg {
-        notes,
-        stats_socket: paths.stats_socket().display().to_string(),
-        server_state_file: paths.server_state_file().display().to_string(),
-        hard_stop_after: config.haproxy.hard_stop_after.to_string(),
-        maxconn: config.haproxy.maxconn,
-        connect: t.connect.to_string(),
-        client: t.client.to_string(),
-        server: t.server.to_string(),
-        tunnel: t.tunnel().to_string(),
-        check_timeout: config.health.timeout.to_string(),
-        listen: config.listen.to_string(),
-        frontend: FRONTEND,
-        backend: BACKEND,
-        balance: config.balance.as_str(),
-        hash_consistent: config.balance == Balance::Source,
-        // Constant, so the master set can change at run time without any
-        // line but the server lines changing.
-        retries: 3,
-        check_send,
-        check_expect,
-        servers,
-        resolvers: config.masters.iter().any(|m| m.address.is_dns()),
-        stats,
-        run_as: inputs.run_as.clone(),
-    };
-    // The template only interpolates strings; it cannot fail at run time.
-    let mut text = cfg.render().unwrap_or_else(|e| format!("# template error: {e}\n"));
-    // HAProxy refuses a file whose last line has no newline; askama trims it.
-    if !text.ends_with('\n') {
-        text.push('\n');
-    }
-    let fingerprint = sha256_hex(text.as_bytes());
-    // Longest first, so a secret containing another is redacted whole.
-    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
-    secrets.dedup();
-    let redactor = Redactor { secrets: secrets.into_iter().map(Secret::new).collect() };
-    // What is shown: a hash over the text without its secrets, so that it
-    // cannot be used to test guesses of a token or a password offline.
-    let hash = sha256_hex(redactor.redact(&text).as_bytes());
-    Rendered { text: Secret::new(text), hash, fingerprint, aux_files, redactor, features }
+    })
 }
 
 /// Check interval while a master is changing state (after one failed or

@@ -9,7 +9,7 @@ use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::status::Status;
+use crate::status::{DiscoveryStatus, HaproxyStatus, MasterStatus, Status};
 
 /// Why the status could not be fetched.
 #[derive(Debug, thiserror::Error)]
@@ -103,39 +103,23 @@ pub fn render_table(s: &Status) -> String {
         Err(why) => format!("NOT READY: {why}"),
     };
     let _ = writeln!(out, "{ready}\n");
+    masters_table(&mut out, s);
+    haproxy_lines(&mut out, &s.haproxy);
+    config_lines(&mut out, s);
+    if let Some(d) = &s.discovery {
+        discovery_lines(&mut out, d);
+    }
+    if let Some(e) = &s.config.pending_error {
+        let _ = writeln!(out, "NOT APPLIED: {e}");
+    }
+    out
+}
+
+/// The masters, one aligned row each.
+fn masters_table(out: &mut String, s: &Status) {
+    use std::fmt::Write;
     let header = ["MASTER", "ADDRESS", "SOURCE", "STATE", "SINCE", "LAST CHECK", "SESSIONS"];
-    let rows: Vec<[String; 7]> = s
-        .masters
-        .iter()
-        .map(|m| {
-            let mut check = m.check_status.clone();
-            if let Some(code) = m.check_code {
-                check.push_str(&format!(" {code}"));
-            }
-            if !m.check_desc.is_empty() {
-                check.push_str(&format!(" ({})", m.check_desc));
-            }
-            if !m.check_info.is_empty() && m.check_code.is_none() {
-                check.push_str(&format!(": {}", m.check_info));
-            }
-            if let Some(ms) = m.check_duration_ms {
-                check.push_str(&format!(" {ms}ms"));
-            }
-            let mut sessions = m.sessions.to_string();
-            if m.fallback_sessions > 0 {
-                sessions.push_str(&format!(" (+{} fail-open)", m.fallback_sessions));
-            }
-            [
-                m.name.clone(),
-                m.address.clone(),
-                m.source.clone(),
-                m.state.clone(),
-                m.since_change_s.map(duration).unwrap_or_default(),
-                check,
-                sessions,
-            ]
-        })
-        .collect();
+    let rows: Vec<[String; 7]> = s.masters.iter().map(master_row).collect();
     let mut widths = header.map(str::len);
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {
@@ -153,7 +137,42 @@ pub fn render_table(s: &Status) -> String {
     for r in &rows {
         let _ = writeln!(out, "{}", line(r.iter().map(String::as_str).collect()));
     }
-    let h = &s.haproxy;
+}
+
+/// One master's cells: name, address, source, state, since, last check,
+/// sessions.
+fn master_row(m: &MasterStatus) -> [String; 7] {
+    let mut check = m.check_status.clone();
+    if let Some(code) = m.check_code {
+        check.push_str(&format!(" {code}"));
+    }
+    if !m.check_desc.is_empty() {
+        check.push_str(&format!(" ({})", m.check_desc));
+    }
+    if !m.check_info.is_empty() && m.check_code.is_none() {
+        check.push_str(&format!(": {}", m.check_info));
+    }
+    if let Some(ms) = m.check_duration_ms {
+        check.push_str(&format!(" {ms}ms"));
+    }
+    let mut sessions = m.sessions.to_string();
+    if m.fallback_sessions > 0 {
+        sessions.push_str(&format!(" (+{} fail-open)", m.fallback_sessions));
+    }
+    [
+        m.name.clone(),
+        m.address.clone(),
+        m.source.clone(),
+        m.state.clone(),
+        m.since_change_s.map(duration).unwrap_or_default(),
+        check,
+        sessions,
+    ]
+}
+
+/// HAProxy's processes, and a failed last reload.
+fn haproxy_lines(out: &mut String, h: &HaproxyStatus) {
+    use std::fmt::Write;
     let pid = h.master_pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
     let join = |v: &[u32]| {
         if v.is_empty() { "-".to_owned() } else { v.iter().map(u32::to_string).collect::<Vec<_>>().join(",") }
@@ -175,6 +194,11 @@ pub fn render_table(s: &Status) -> String {
             join(&h.workers)
         );
     }
+}
+
+/// The check's credential, the config in effect and the last reload.
+fn config_lines(out: &mut String, s: &Status) {
+    use std::fmt::Write;
     let c = &s.config;
     let _ = writeln!(
         out,
@@ -199,27 +223,26 @@ pub fn render_table(s: &Status) -> String {
             r.message.as_ref().map(|m| format!(": {m}")).unwrap_or_default()
         );
     }
-    if let Some(d) = &s.discovery {
-        let when = match d.last_success {
-            Some(t) => format!("last success {}", ago(Some(t))),
-            None => "not succeeded yet (using the static seeds and the saved set)".to_owned(),
-        };
-        let api = if d.api.is_empty() { String::new() } else { format!(" ({})", d.api) };
-        let _ = writeln!(out, "Discovery{api}: {when}, {} watch restarts", d.watch_restarts);
-        // Text from the API: escaped again, whatever agent served it.
-        let safe = |t: &str| crate::sanitize::untrusted(t, 400);
-        if let Some(r) = &d.rejected {
-            let _ = writeln!(out, "  REJECTED: {}", safe(r));
-        }
-        if let Some(e) = &d.last_error {
-            let _ = writeln!(out, "  last problem: {}", safe(e));
-        }
-        for r in &d.refused {
-            let _ = writeln!(out, "  refused: {}", safe(r));
-        }
+}
+
+/// Discovery's state and what it refused.
+fn discovery_lines(out: &mut String, d: &DiscoveryStatus) {
+    use std::fmt::Write;
+    let when = match d.last_success {
+        Some(t) => format!("last success {}", ago(Some(t))),
+        None => "not succeeded yet (using the static seeds and the saved set)".to_owned(),
+    };
+    let api = if d.api.is_empty() { String::new() } else { format!(" ({})", d.api) };
+    let _ = writeln!(out, "Discovery{api}: {when}, {} watch restarts", d.watch_restarts);
+    // Text from the API: escaped again, whatever agent served it.
+    let safe = |t: &str| crate::sanitize::untrusted(t, 400);
+    if let Some(r) = &d.rejected {
+        let _ = writeln!(out, "  REJECTED: {}", safe(r));
     }
-    if let Some(e) = &c.pending_error {
-        let _ = writeln!(out, "NOT APPLIED: {e}");
+    if let Some(e) = &d.last_error {
+        let _ = writeln!(out, "  last problem: {}", safe(e));
     }
-    out
+    for r in &d.refused {
+        let _ = writeln!(out, "  refused: {}", safe(r));
+    }
 }
