@@ -128,8 +128,8 @@ pub fn render_table(s: &Status) -> String {
             [
                 m.name.clone(),
                 m.address.clone(),
-                m.source.clone(),
-                m.state.clone(),
+                m.source.to_string(),
+                m.state.to_string(),
                 m.since_change_s.map(duration).unwrap_or_default(),
                 check,
                 sessions,
