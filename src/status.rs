@@ -153,8 +153,7 @@ pub struct MasterStatus {
 
 /// How a change of configuration ended: the label of
 /// `apilb_haproxy_reloads_total` and of the status's last reload.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ReloadResult {
     /// HAProxy runs the new config (or will at its next start).
     Success,
@@ -182,17 +181,9 @@ impl ReloadResult {
             ReloadResult::Failed => "failed",
         }
     }
-}
 
-impl PartialEq<&str> for ReloadResult {
-    fn eq(&self, other: &&str) -> bool {
-        self.as_str() == *other
-    }
-}
-
-impl std::fmt::Display for ReloadResult {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+    fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == text)
     }
 }
 
@@ -215,37 +206,12 @@ impl MasterState {
             MasterState::Known(s) => s.as_str(),
         }
     }
-}
 
-impl PartialEq<&str> for MasterState {
-    fn eq(&self, other: &&str) -> bool {
-        self.as_str() == *other
-    }
-}
-
-impl std::fmt::Display for MasterState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl Serialize for MasterState {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
-    }
-}
-
-impl<'de> Deserialize<'de> for MasterState {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
+    fn parse(text: &str) -> Option<Self> {
         if text == MasterState::Unknown.as_str() {
-            return Ok(MasterState::Unknown);
+            return Some(MasterState::Unknown);
         }
-        ServerState::ALL
-            .into_iter()
-            .find(|s| s.as_str() == text)
-            .map(MasterState::Known)
-            .ok_or_else(|| serde::de::Error::custom(format!("unknown master state {text:?}")))
+        ServerState::ALL.into_iter().find(|s| s.as_str() == text).map(MasterState::Known)
     }
 }
 
@@ -275,39 +241,49 @@ impl Membership {
             Membership::Draining => "removed (draining)",
         }
     }
-}
 
-impl PartialEq<&str> for Membership {
-    fn eq(&self, other: &&str) -> bool {
-        self.as_str() == *other
-    }
-}
-
-impl std::fmt::Display for Membership {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl Serialize for Membership {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
-    }
-}
-
-impl<'de> Deserialize<'de> for Membership {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
+    fn parse(text: &str) -> Option<Self> {
         if text == Membership::Draining.as_str() {
-            return Ok(Membership::Draining);
+            return Some(Membership::Draining);
         }
-        Source::ALL
-            .into_iter()
-            .find(|s| s.as_str() == text)
-            .map(Membership::Member)
-            .ok_or_else(|| serde::de::Error::custom(format!("unknown master source {text:?}")))
+        Source::ALL.into_iter().find(|s| s.as_str() == text).map(Membership::Member)
     }
 }
+
+/// Status fields that are enums in the code and strings in the JSON:
+/// `as_str` and `parse` are each type's one mapping; comparison with a
+/// string, `Display` and serde follow from them.
+macro_rules! text_enums {
+    ($($t:ty: $what:literal),* $(,)?) => {$(
+        impl PartialEq<&str> for $t {
+            fn eq(&self, other: &&str) -> bool {
+                self.as_str() == *other
+            }
+        }
+
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl Serialize for $t {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let text = String::deserialize(d)?;
+                <$t>::parse(&text)
+                    .ok_or_else(|| serde::de::Error::custom(format!("unknown {} {text:?}", $what)))
+            }
+        }
+    )*};
+}
+
+text_enums!(ReloadResult: "reload result", MasterState: "master state", Membership: "master source");
 
 impl Status {
     /// Masters in rotation that are UP (removed, draining ones excluded).
