@@ -192,6 +192,12 @@ pub fn fallback_params(master: &Master) -> String {
     format!("backup{}", dns_params(master))
 }
 
+/// True when the config needs the `resolvers` section: some master is
+/// given by DNS name.
+pub fn needs_resolvers(masters: &[Master]) -> bool {
+    masters.iter().any(|m| m.address.is_dns())
+}
+
 fn dns_params(master: &Master) -> String {
     if master.address.is_dns() {
         // A name that does not resolve at start (DNS down at boot) leaves
@@ -286,7 +292,7 @@ pub fn render(config: &Config, inputs: &Inputs, paths: &Paths, features: Feature
         check_send,
         check_expect,
         servers: server_lines(config, &plan),
-        resolvers: config.masters.iter().any(|m| m.address.is_dns()),
+        resolvers: needs_resolvers(&config.masters),
         stats,
         run_as: inputs.run_as.clone(),
     };

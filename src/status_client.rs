@@ -162,8 +162,8 @@ fn master_row(m: &MasterStatus) -> [String; 7] {
     [
         m.name.clone(),
         m.address.clone(),
-        m.source.clone(),
-        m.state.clone(),
+        m.source.to_string(),
+        m.state.to_string(),
         m.since_change_s.map(duration).unwrap_or_default(),
         check,
         sessions,

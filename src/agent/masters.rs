@@ -1,19 +1,17 @@
 //! The master set: discovery reports, the policy's desired set, and
 //! changes through HAProxy's runtime API (or a reload).
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 
-use super::{Agent, Applied, Running, promote, stage_and_validate, unix_now};
+use super::diff::Plan;
+use super::{Agent, unix_now};
 use crate::config::Master;
-use crate::discovery;
-use crate::haproxy::runtime;
-use crate::haproxy::stat::Stats;
+use crate::discovery::{self, persist};
 use crate::layout::Paths;
 use crate::masters::Sources;
-use crate::render::{CheckPlan, FALLBACK_SUFFIX, Features};
+use crate::render::{FALLBACK_SUFFIX, Features};
 use crate::status::DiscoveryStatus;
 use crate::{LoadError, Loaded};
 
@@ -29,26 +27,16 @@ pub(super) fn effective(
     crate::assemble(config, inputs, paths, features)
 }
 
-/// True when two renders differ only in `server` lines, so the runtime API
-/// can make the change without a reload.
-fn only_servers_differ(old: &str, new: &str) -> bool {
-    let rest =
-        |t: &str| t.lines().filter(|l| !l.trim_start().starts_with("server ")).collect::<Vec<_>>().join("\n");
-    rest(old) == rest(new)
-}
-
-/// The masters of a running haproxy.cfg, as a config to adopt: only when it
-/// differs from `base` in server lines alone and re-rendering them with
-/// `base`'s config and inputs reproduces the running file exactly.
+/// The masters of a running haproxy.cfg (an older agent's), as a config to
+/// adopt: only when re-rendering `base`'s config and inputs with them
+/// reproduces the running file exactly (same fingerprint), so nothing but
+/// the set differs.
 pub(super) fn running_set(
     running_text: &str,
     running_fingerprint: &str,
     base: &Loaded,
     paths: &Paths,
 ) -> Option<Loaded> {
-    if !only_servers_differ(running_text, base.rendered.text.expose()) {
-        return None;
-    }
     let masters: Vec<Master> = running_text
         .lines()
         .filter_map(|l| {
@@ -79,19 +67,19 @@ impl Agent {
             self.sources.persisted.clear();
             self.sources.discovered = None;
         }
-        Ok(effective(yaml, inputs, &self.sources, &self.paths, self.features()))
+        Ok(effective(yaml, inputs, &self.sources, &self.paths, self.supervisor.features()))
     }
 
     /// (Re)starts the discovery watcher for the config in effect.
     pub(super) fn restart_discovery(&mut self) {
         self.stop_discovery();
-        let config = &self.applied.loaded.config;
+        let config = &self.reconciler.applied.loaded.config;
         let Some(settings) = config.discovery.kubernetes.clone() else {
-            self.status.discovery = None;
-            self.metrics.discovery_enabled.set(0);
+            self.observer.status.discovery = None;
+            self.observer.metrics.discovery_enabled.set(0);
             return;
         };
-        self.metrics.discovery_enabled.set(1);
+        self.observer.metrics.discovery_enabled.set(1);
         let (tx, rx) = mpsc::channel(16);
         let opts = discovery::Options {
             settings,
@@ -101,7 +89,7 @@ impl Agent {
         };
         self.discovery = Some(discovery::spawn(opts, tx));
         self.discovery_rx = Some(rx);
-        self.status.discovery.get_or_insert_with(DiscoveryStatus::default);
+        self.observer.status.discovery.get_or_insert_with(DiscoveryStatus::default);
     }
 
     pub(super) fn stop_discovery(&mut self) {
@@ -113,20 +101,21 @@ impl Agent {
 
     /// A report from the discovery watcher.
     pub(super) async fn on_discovery(&mut self, update: discovery::Update) {
-        let status = self.status.discovery.get_or_insert_with(DiscoveryStatus::default);
+        let metrics = &self.observer.metrics;
+        let status = self.observer.status.discovery.get_or_insert_with(DiscoveryStatus::default);
         match update {
             discovery::Update::Found { addresses, refused, api } => {
                 let now = unix_now();
                 status.api = api.to_owned();
                 status.last_success = Some(now);
                 status.last_error = None;
-                self.metrics.discovery_last_success_timestamp_seconds.set(now);
+                metrics.discovery_last_success_timestamp_seconds.set(now);
                 if !refused.is_empty() && status.refused != refused {
                     tracing::warn!("discovery refused addresses the API listed: {}", refused.join("; "));
                 }
                 status.refused = refused;
                 status.rejected = None;
-                self.metrics.discovery_rejected.set(0);
+                metrics.discovery_rejected.set(0);
                 self.last_discovery_problem = None;
                 if self.sources.discovered.is_none() {
                     tracing::info!(
@@ -142,18 +131,18 @@ impl Agent {
                 let now = unix_now();
                 status.last_success = Some(now);
                 status.last_error = None;
-                self.metrics.discovery_last_success_timestamp_seconds.set(now);
+                metrics.discovery_last_success_timestamp_seconds.set(now);
             }
             discovery::Update::Restarted(why) => {
                 status.watch_restarts += 1;
                 status.last_error = Some(why.clone());
-                self.metrics.discovery_watch_restarts_total.inc();
+                metrics.discovery_watch_restarts_total.inc();
                 tracing::warn!("discovery watch restarted: {why}");
             }
             discovery::Update::Rejected(why) => {
                 tracing::warn!("discovery: {why}");
                 status.rejected = Some(why);
-                self.metrics.discovery_rejected.set(1);
+                metrics.discovery_rejected.set(1);
             }
             discovery::Update::Failing(why) => {
                 status.last_error = Some(why.clone());
@@ -163,43 +152,38 @@ impl Agent {
                 }
             }
         }
-        self.publish();
+        self.observer.publish();
     }
 
     /// Brings HAProxy's masters in line with the policy: through the
     /// runtime API when only servers change, else by a validated reload.
     pub(super) async fn apply_masters(&mut self) {
         let desired = self.sources.desired();
-        if desired == self.applied.loaded.config.masters {
+        let Some((loaded, plan)) = self.reconciler.with_masters(desired, self.supervisor.features()) else {
             // Same servers; sources may have changed (static → discovered).
-            self.mark_applied();
+            self.config_in_effect();
             return;
-        }
-        let mut config = self.applied.loaded.config.clone();
-        config.masters = desired;
-        let loaded =
-            crate::assemble(config, self.applied.loaded.inputs.clone(), &self.paths, self.features());
-        let change = runtime::diff(&self.applied.loaded.config.masters, &loaded.config.masters);
-        let runtime_ok = self.haproxy.is_some()
-            && only_servers_differ(self.running.text.expose(), loaded.rendered.text.expose())
-            && change.added.iter().all(|m| !m.address.is_dns());
-        if runtime_ok {
-            match self.apply_runtime(&loaded, &change).await {
+        };
+        let changed = plan.change().len() as u64;
+        if let Plan::Runtime(change) = &plan
+            && self.supervisor.haproxy().is_some()
+        {
+            let hash = loaded.rendered.short_hash().to_owned();
+            match self.reconciler.change_at_runtime(&self.supervisor, loaded.clone(), change).await {
                 Ok(()) => {
                     let names = |v: Vec<String>| if v.is_empty() { "-".to_owned() } else { v.join(", ") };
                     tracing::info!(
                         added = %names(change.added.iter().map(|m| format!("{} ({})", m.name, m.address)).collect()),
                         removed = %names(change.removed.clone()),
-                        config = loaded.rendered.short_hash(),
+                        config = hash,
                         "masters changed through HAProxy's runtime API (no reload); removed ones drain"
                     );
-                    self.metrics
+                    self.observer
+                        .metrics
                         .master_changes_total
                         .with_label_values(&["runtime"])
-                        .inc_by(change.len() as u64);
-                    self.running = Running::of(&loaded.rendered);
-                    self.applied = Applied { loaded, at: SystemTime::now() };
-                    self.mark_applied();
+                        .inc_by(changed);
+                    self.config_in_effect();
                     return;
                 }
                 Err(e) => {
@@ -209,68 +193,24 @@ impl Agent {
         }
         let fingerprint = loaded.rendered.fingerprint.clone();
         self.apply(loaded, "the master set changed").await;
-        if self.running.fingerprint == fingerprint {
-            self.metrics.master_changes_total.with_label_values(&["reload"]).inc_by(change.len() as u64);
+        if self.reconciler.running.fingerprint == fingerprint {
+            self.observer.metrics.master_changes_total.with_label_values(&["reload"]).inc_by(changed);
             // A reload dropped the draining servers from the new worker.
-            self.draining.clear();
+            self.reconciler.draining.clear();
         }
     }
 
-    /// Validates the new file, adds and drains servers through the runtime
-    /// API, then puts the file in place so a restart yields the same set.
-    pub(super) async fn apply_runtime(
-        &mut self,
-        loaded: &Loaded,
-        change: &runtime::Change,
-    ) -> Result<(), String> {
-        let staged = stage_and_validate(&self.binary, &self.paths, &loaded.rendered)
-            .await
-            .map_err(|e| e.to_string())?;
-        let h = self.haproxy.as_ref().ok_or("HAProxy is not running")?;
-        let plan = CheckPlan::new(&loaded.config, &loaded.inputs, &self.paths, loaded.rendered.features);
-        let (back, fresh): (Vec<_>, Vec<_>) =
-            change.added.iter().cloned().partition(|m| self.draining.contains_key(&m.name));
-        for m in &back {
-            runtime::undrain(h, &m.name).await.map_err(|e| e.to_string())?;
-            self.draining.remove(&m.name);
-        }
-        let health = &loaded.config.health;
-        let wait = health.interval.std() + health.timeout.std() + Duration::from_millis(500);
-        let haproxy = self.haproxy.as_ref().ok_or("HAProxy is not running")?;
-        runtime::add(haproxy, &plan, &fresh, wait).await.map_err(|e| e.to_string())?;
-        let limit = loaded.config.haproxy.hard_stop_after.std();
-        for name in &change.removed {
-            runtime::drain(haproxy, name).await.map_err(|e| e.to_string())?;
-            self.draining.insert(name.clone(), Instant::now() + limit);
-        }
-        promote(&self.paths, &staged, &loaded.rendered).map_err(|e| e.to_string())
-    }
-
-    /// Deletes removed masters once their sessions are gone (or the drain
-    /// limit, `haproxy.hard_stop_after`, has passed).
-    pub(super) async fn finish_draining(&mut self, stats: &Stats) {
-        let Some(h) = &self.haproxy else { return };
-        let mut done = Vec::new();
-        for (name, deadline) in &self.draining {
-            let twin = format!("{name}{FALLBACK_SUFFIX}");
-            let rows: Vec<_> = stats.servers.iter().filter(|s| &s.name == name || s.name == twin).collect();
-            if rows.is_empty() {
-                done.push(name.clone());
-                continue;
-            }
-            let sessions: u64 = rows.iter().map(|s| s.sessions).sum();
-            if sessions == 0 || Instant::now() >= *deadline {
-                match runtime::delete(h, name).await {
-                    Ok(()) => {
-                        tracing::info!(master = %name, cut = sessions, "removed master deleted from HAProxy");
-                        done.push(name.clone());
-                    }
-                    Err(e) => tracing::warn!(master = %name, "cannot delete a removed master yet: {e}"),
-                }
-            }
-        }
-        for name in done {
-            self.draining.remove(&name);
+    /// Records the config in effect, and keeps what discovery taught for
+    /// the next start.
+    pub(super) fn config_in_effect(&mut self) {
+        let applied = &self.reconciler.applied;
+        self.observer.config_in_effect(applied, &self.sources);
+        let masters = &applied.loaded.config.masters;
+        if self.sources.discovered.is_some()
+            && applied.loaded.config.discovery.kubernetes.is_some()
+            && let Err(e) = persist::save(&self.paths.masters_file(), masters)
+        {
+            tracing::warn!(error = %e, "cannot save the master set; the next start uses the seeds only");
         }
     }
 }

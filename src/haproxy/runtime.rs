@@ -53,6 +53,10 @@ pub enum RuntimeError {
     /// The socket failed.
     #[error(transparent)]
     Socket(#[from] SupervisorError),
+    /// No HAProxy master runs to take the command (it died and is being
+    /// restarted).
+    #[error("HAProxy is not running")]
+    NotRunning,
 }
 
 /// The difference between two master sets, by name and address.

@@ -189,7 +189,7 @@ impl ServerState {
 }
 
 /// One server row of `show stat`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct ServerStat {
     /// Backend name.
     pub backend: String,

@@ -270,42 +270,12 @@ impl Haproxy {
     ) -> Result<Haproxy, SupervisorError> {
         let started = Instant::now();
         super::repair_server_state(&paths.server_state_file());
-        let file = |path: PathBuf| move |source| SupervisorError::File { path: path.clone(), source };
-        let stdout = output.writer().map_err(file(paths.output_fifo()))?;
-        let stderr = stdout.try_clone().map_err(file(paths.output_fifo()))?;
-        let master = format!("{},mode,600", paths.master_socket().display());
-        let mut cmd = Command::new(&binary.path);
-        cmd.arg("-W")
-            .arg("-S")
-            .arg(&master)
-            .arg("-f")
-            .arg(paths.config_file())
-            .arg("-p")
-            .arg(paths.pidfile())
-            .env_remove("NOTIFY_SOCKET")
-            // Not the agent's directory: it may be deleted, or a mount
-            // point HAProxy would keep busy for as long as it runs.
-            .current_dir("/")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(stdout))
-            .stderr(Stdio::from(stderr))
-            // HAProxy must outlive apilb: never killed with the handle.
-            .kill_on_drop(false);
-        // SAFETY: setsid() and prctl() are async-signal-safe. setsid
-        // detaches HAProxy from apilb's session and terminal, so Ctrl-C or
-        // a terminal hang-up aimed at apilb does not reach the data plane;
-        // HAProxy gets none of apilb's ambient capabilities.
-        unsafe {
-            cmd.pre_exec(|| {
-                nix::unistd::setsid().map_err(io::Error::from)?;
-                super::clear_ambient_capabilities()
-            });
-        }
-        let mut child =
-            cmd.spawn().map_err(|source| SupervisorError::Spawn { binary: binary.path.clone(), source })?;
+        let mut child = master_command(binary, paths, output)?
+            .spawn()
+            .map_err(|source| SupervisorError::Spawn { binary: binary.path.clone(), source })?;
         let pid = child.id().unwrap_or_default();
         let (tx, exited) = watch::channel(None);
-        let mut dead = exited.clone();
+        let dead = exited.clone();
         tokio::spawn(async move {
             let status = match child.wait().await {
                 Ok(s) => s.to_string(),
@@ -313,36 +283,7 @@ impl Haproxy {
             };
             let _ = tx.send(Some(Exit { status }));
         });
-
-        let limit = Duration::from_secs(15);
-        let up = async {
-            loop {
-                if let Ok(p) = show_proc_at(&paths.master_socket(), Duration::from_millis(200)).await
-                    && p.master_pid == pid
-                    && !p.workers.is_empty()
-                {
-                    return p.version;
-                }
-                sleep(Duration::from_millis(20)).await;
-            }
-        };
-        let running = tokio::select! {
-            running = up => running,
-            exit = async { dead.wait_for(Option::is_some).await.ok().and_then(|e| e.clone()) } => {
-                let status = exit.map(|e| e.status).unwrap_or_default();
-                // Let the reader catch up with HAProxy's last words.
-                sleep(Duration::from_millis(100)).await;
-                let mut reason = output.alerts_since(started);
-                if reason.is_empty() {
-                    reason = "no message from HAProxy (see the log above)".into();
-                }
-                return Err(SupervisorError::StartFailed { status, reason });
-            }
-            _ = sleep(limit) => {
-                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-                return Err(SupervisorError::StartTimeout(limit));
-            }
-        };
+        let running = wait_until_up(paths, pid, dead, output, started).await?;
         Ok(Haproxy::new(paths, pid, false, running.unwrap_or_else(|| version.clone()), exited))
     }
 
@@ -546,6 +487,85 @@ fn unknown_exit() -> Exit {
 async fn show_proc_at(socket: &Path, limit: Duration) -> Result<ProcInfo, SupervisorError> {
     let text = cli::command(socket, "show proc", limit).await?;
     Ok(stat::parse_show_proc(&text)?)
+}
+
+/// The command that starts a master on the config in the runtime
+/// directory: master-worker mode with the master CLI, its own session, no
+/// capability, output to the agent's FIFO.
+fn master_command(binary: &Binary, paths: &Paths, output: &Output) -> Result<Command, SupervisorError> {
+    let file = |path: PathBuf| move |source| SupervisorError::File { path: path.clone(), source };
+    let stdout = output.writer().map_err(file(paths.output_fifo()))?;
+    let stderr = stdout.try_clone().map_err(file(paths.output_fifo()))?;
+    let master = format!("{},mode,600", paths.master_socket().display());
+    let mut cmd = Command::new(&binary.path);
+    cmd.arg("-W")
+        .arg("-S")
+        .arg(&master)
+        .arg("-f")
+        .arg(paths.config_file())
+        .arg("-p")
+        .arg(paths.pidfile())
+        .env_remove("NOTIFY_SOCKET")
+        // Not the agent's directory: it may be deleted, or a mount
+        // point HAProxy would keep busy for as long as it runs.
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(stdout))
+        .stderr(Stdio::from(stderr))
+        // HAProxy must outlive apilb: never killed with the handle.
+        .kill_on_drop(false);
+    // SAFETY: setsid() and prctl() are async-signal-safe. setsid
+    // detaches HAProxy from apilb's session and terminal, so Ctrl-C or
+    // a terminal hang-up aimed at apilb does not reach the data plane;
+    // HAProxy gets none of apilb's ambient capabilities.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid().map_err(io::Error::from)?;
+            super::clear_ambient_capabilities()
+        });
+    }
+    Ok(cmd)
+}
+
+/// Waits until the master `pid` lists a worker; returns the version it
+/// reports. If it exits first, the error carries its ALERT lines since
+/// `started`; if it takes too long, it is killed.
+async fn wait_until_up(
+    paths: &Paths,
+    pid: u32,
+    mut dead: watch::Receiver<Option<Exit>>,
+    output: &Output,
+    started: Instant,
+) -> Result<Option<Version>, SupervisorError> {
+    let limit = Duration::from_secs(15);
+    let up = async {
+        loop {
+            if let Ok(p) = show_proc_at(&paths.master_socket(), Duration::from_millis(200)).await
+                && p.master_pid == pid
+                && !p.workers.is_empty()
+            {
+                return p.version;
+            }
+            sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::select! {
+        running = up => Ok(running),
+        exit = async { dead.wait_for(Option::is_some).await.ok().and_then(|e| e.clone()) } => {
+            let status = exit.map(|e| e.status).unwrap_or_default();
+            // Let the reader catch up with HAProxy's last words.
+            sleep(Duration::from_millis(100)).await;
+            let mut reason = output.alerts_since(started);
+            if reason.is_empty() {
+                reason = "no message from HAProxy (see the log above)".into();
+            }
+            Err(SupervisorError::StartFailed { status, reason })
+        }
+        _ = sleep(limit) => {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            Err(SupervisorError::StartTimeout(limit))
+        }
+    }
 }
 
 /// True when `pid` runs HAProxy with this agent's master socket and config
