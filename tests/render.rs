@@ -156,19 +156,19 @@ fn every_master_has_a_checked_line_and_a_fail_open_twin() {
 /// needs and returns the config path, so `haproxy -c` sees the golden text.
 fn materialize(case: &Case, scratch: &Path) -> PathBuf {
     let paths = Paths::from_config(&case.config);
-    let run = scratch.join("run");
-    let state = scratch.join("state");
+    let local = Paths::under(scratch);
+    let (run, state) = (&local.runtime_dir, &local.state_dir);
     let relocate = |s: &str| {
         s.replace(&paths.runtime_dir.display().to_string(), &run.display().to_string())
             .replace(&paths.state_dir.display().to_string(), &state.display().to_string())
     };
-    std::fs::create_dir_all(&run).unwrap();
-    std::fs::create_dir_all(&state).unwrap();
+    std::fs::create_dir_all(run).unwrap();
+    std::fs::create_dir_all(state).unwrap();
     for aux in &case.rendered.aux_files {
         let path = relocate(&aux.path.display().to_string());
         std::fs::write(path, aux.contents.expose()).unwrap();
     }
-    let file = run.join("haproxy.cfg");
+    let file = local.config_file();
     std::fs::write(&file, relocate(case.rendered.text.expose())).unwrap();
     file
 }
