@@ -14,12 +14,12 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::config::{Address, AuthMode, Cidr, Config, Master};
-use crate::discovery::{self, Api, kubeconfig, persist};
-use crate::haproxy::{self, output, stat};
-use crate::inputs::{CheckAuth, Credential, Inputs, Secret, Verify};
-use crate::masters::Sources;
-use crate::render::{self, Paths};
+use apilb::config::{Address, AuthMode, Cidr, Config, Master};
+use apilb::discovery::{self, Api, kubeconfig, persist};
+use apilb::haproxy::{self, output, stat};
+use apilb::inputs::{CheckAuth, Credential, Inputs, Secret, Verify};
+use apilb::masters::Sources;
+use apilb::render::{self, Paths};
 
 /// `apilb.yaml`: [`Config::parse`] on the bytes (when UTF-8) and, when the
 /// config is accepted, what is pure downstream of it: `settings_hash`, and
@@ -42,7 +42,7 @@ pub fn config(data: &[u8]) {
         config.haproxy.hard_stop_after,
     ] {
         // Durations are written into haproxy.cfg in their Display form.
-        assert_eq!(d.to_string().parse::<crate::config::Duration>().ok(), Some(d), "{d}");
+        assert_eq!(d.to_string().parse::<apilb::config::Duration>().ok(), Some(d), "{d}");
     }
     for m in &config.masters {
         // The agent reads the server lines of a running haproxy.cfg back,
@@ -375,9 +375,9 @@ fn check_discovered(objects: &BTreeMap<String, serde_json::Value>) {
         for cidrs in [&[][..], &allowed[..]] {
             let (found, _refused) = discovery::ready_addresses(objects.values(), api, cidrs);
             // The set discovery would use breaks no rule.
-            let settings = crate::config::KubernetesDiscovery {
+            let settings = apilb::config::KubernetesDiscovery {
                 kubeconfig: None,
-                via: crate::config::Via::Local,
+                via: apilb::config::Via::Local,
                 allowed_cidrs: cidrs.to_vec(),
                 max_masters: 4,
             };
@@ -386,7 +386,7 @@ fn check_discovered(objects: &BTreeMap<String, serde_json::Value>) {
             {
                 assert!(!addresses.is_empty() && addresses.len() <= 4, "{addresses:?}");
                 for a in &addresses {
-                    if let crate::config::Host::Ip(ip) = a.host {
+                    if let apilb::config::Host::Ip(ip) = a.host {
                         let ip = ip.to_canonical();
                         assert!(
                             !(ip.is_loopback() || ip.is_unspecified() || ip.is_multicast()),
@@ -401,7 +401,7 @@ fn check_discovered(objects: &BTreeMap<String, serde_json::Value>) {
             assert!(found.windows(2).all(|w| (w[0].host_str(), w[0].port) < (w[1].host_str(), w[1].port)));
             for a in &found {
                 assert!(a.port != 0);
-                if let crate::config::Host::Ip(ip) = a.host {
+                if let apilb::config::Host::Ip(ip) = a.host {
                     assert!(cidrs.is_empty() || cidrs.iter().any(|c| c.contains(ip)), "{a} not allowed");
                 } else {
                     panic!("discovery reported the DNS name {a}");
