@@ -1,6 +1,7 @@
 //! Replays the fuzz corpus and the crash reproducers on the stable
-//! toolchain, through the same `apilb_testkit::fuzzing` functions the cargo-fuzz
-//! targets call (fuzz/fuzz_targets). A panic in any of them fails the test.
+//! toolchain, through the same `apilb_testkit::fuzzing` functions the
+//! cargo-fuzz targets call (fuzz/fuzz_targets). A panic in any of them
+//! fails the test.
 //! See docs/fuzzing.md.
 
 use std::path::{Path, PathBuf};

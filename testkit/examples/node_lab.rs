@@ -1,5 +1,6 @@
 //! The host side of `scripts/test-systemd` (the systemd node lab). Not part
-//! of the shipped binary: a thin user of `apilb_testkit::lab` and `apilb_testkit::testapi`.
+//! of the shipped binary: a thin user of the test kit's `lab` and
+//! `testapi`.
 //!
 //! The lab boots Debian containers with systemd-nspawn; they share this
 //! machine's network namespace, so the test API servers started here on
