@@ -36,9 +36,9 @@ use std::path::PathBuf;
 use apilb::agent::{self, Control};
 use apilb::config::Config;
 use apilb::inputs::Inputs;
-use apilb::lab::{ClusterKind, Lab, LabOptions, loopback};
 use apilb::render::{Features, Paths, render};
-use apilb::testapi::Session;
+use apilb_testkit::lab::{ClusterKind, Lab, LabOptions, loopback};
+use apilb_testkit::testapi::Session;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {

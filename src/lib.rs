@@ -8,15 +8,11 @@
 
 pub mod agent;
 pub mod config;
-pub mod demo;
 pub mod discovery;
 pub mod fsutil;
-#[doc(hidden)]
-pub mod fuzzing;
 pub mod haproxy;
 pub mod http;
 pub mod inputs;
-pub mod lab;
 pub mod manual;
 pub mod masters;
 pub mod metrics;
@@ -26,7 +22,6 @@ pub mod sanitize;
 pub mod status;
 pub mod status_client;
 pub mod systemd;
-pub mod testapi;
 
 use std::path::Path;
 
