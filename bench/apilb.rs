@@ -36,15 +36,15 @@ use std::path::PathBuf;
 use apilb::agent::{self, Control};
 use apilb::config::Config;
 use apilb::inputs::Inputs;
-use apilb::lab::{ClusterKind, Lab, LabOptions, loopback};
 use apilb::layout::Paths;
 use apilb::render::{Features, render};
-use apilb::testapi::Session;
+use apilb_testkit::lab::{ClusterKind, Lab, LabOptions, loopback};
+use apilb_testkit::testapi::Session;
 
 /// The runtime layout of a lab's agent: its config puts the runtime and
 /// state directories under the lab directory.
 fn layout(lab: &Lab) -> Paths {
-    Paths::under(&lab.path(""))
+    Paths::under(lab.dir.path())
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {

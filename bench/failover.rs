@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use apilb::lab::{Lab, LabOptions};
+use apilb_testkit::lab::{Lab, LabOptions};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 

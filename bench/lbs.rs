@@ -16,8 +16,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use apilb::haproxy::{cli, stat};
-use apilb::lab::Lab;
 use apilb::layout::Paths;
+use apilb_testkit::lab::Lab;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::time::Instant;
@@ -277,7 +277,7 @@ impl Baseline {
     pub async fn start(lab: &Lab) -> Result<Baseline, String> {
         let dir = lab.path("baseline");
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        let port = |p| apilb::lab::free_port(p).map_err(|e| e.to_string());
+        let port = |p| apilb_testkit::lab::free_port(p).map_err(|e| e.to_string());
         let addr = SocketAddr::from(([127, 0, 0, 1], port(None)?));
         let held = std::net::TcpListener::bind(addr).map_err(|e| e.to_string())?;
         let stats = SocketAddr::from(([127, 0, 0, 1], port(None)?));
@@ -380,8 +380,10 @@ impl Nginx {
     pub async fn start(lab: &Lab, binary: &Path) -> Result<Nginx, String> {
         let dir = lab.path("nginx");
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        let addr =
-            SocketAddr::from(([127, 0, 0, 1], apilb::lab::free_port(None).map_err(|e| e.to_string())?));
+        let addr = SocketAddr::from((
+            [127, 0, 0, 1],
+            apilb_testkit::lab::free_port(None).map_err(|e| e.to_string())?,
+        ));
         let module = Path::new("/usr/lib/nginx/modules/ngx_stream_module.so");
         let load =
             if module.exists() { format!("load_module {};\n", module.display()) } else { String::new() };

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use apilb::lab::{Lab, LabOptions};
-use apilb::testapi::Session;
+use apilb_testkit::lab::{Lab, LabOptions};
+use apilb_testkit::testapi::Session;
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
 use tokio::time::Instant;

@@ -3,7 +3,9 @@
 //!
 //! This is the only step of rendering that touches the filesystem. What it
 //! returns ([`Inputs`]) plus the [`Config`] fully determines the rendered
-//! haproxy.cfg, which keeps [`crate::render`] pure and deterministic.
+//! haproxy.cfg, which keeps [`crate::render`] pure and deterministic. Every
+//! file is read through [`Files`]: [`Disk`] for real, files made up in
+//! memory in tests and the fuzz targets ([`Inputs::gather_with`]).
 //!
 //! The `auto` credential mode and the bootstrap rule live here: before a
 //! node has joined the cluster it has no credential and often no CA yet, so
@@ -12,6 +14,7 @@
 //! server whose certificate is not verified.
 
 use std::fmt;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use rustls::pki_types::pem::PemObject;
@@ -210,18 +213,50 @@ pub struct RunAs {
     pub group: String,
 }
 
+/// Where [`Inputs::gather_with`] reads the files a config names from: the
+/// filesystem ([`Disk`]), or files made up in memory (tests, the fuzz
+/// targets), so the same resolution rules run on both.
+pub trait Files {
+    /// The content of the file at `path`.
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>>;
+    /// Whether something exists at `path`. Like [`Path::exists`], false
+    /// also when it cannot be told (e.g. a directory on the way that
+    /// cannot be searched); a file that exists but cannot be read is true,
+    /// and its read fails.
+    fn exists(&self, path: &Path) -> bool;
+}
+
+/// The real filesystem: what [`Inputs::gather`] reads.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Disk;
+
+impl Files for Disk {
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        std::fs::read(path)
+    }
+    fn exists(&self, path: &Path) -> bool {
+        path.exists()
+    }
+}
+
 impl Inputs {
-    /// Reads every file the config refers to.
+    /// Reads every file the config refers to, and looks up the user
+    /// HAProxy's workers run as.
     pub fn gather(config: &Config) -> Result<Inputs, InputError> {
+        let files = Self::gather_with(config, &Disk)?;
+        Ok(Inputs { run_as: run_as(&config.haproxy.user, &config.haproxy.runtime_dir)?, ..files })
+    }
+
+    /// Reads every file the config refers to through `files`, with the same
+    /// checks and the same `auto` rules as [`Inputs::gather`], which calls
+    /// it with [`Disk`]. Touches nothing else: `run_as` is left `None` (the
+    /// user lookup is `gather`'s).
+    pub fn gather_with(config: &Config, files: &dyn Files) -> Result<Inputs, InputError> {
         let stats_password = match config.stats.as_ref().and_then(|s| s.auth.as_ref()) {
-            Some(auth) => Some(read_password(&auth.password_file)?),
+            Some(auth) => Some(read_password(files, &auth.password_file)?),
             None => None,
         };
-        Ok(Inputs {
-            check: resolve_check(config)?,
-            stats_password,
-            run_as: run_as(&config.haproxy.user, &config.haproxy.runtime_dir)?,
-        })
+        Ok(Inputs { check: resolve_check(files, config)?, stats_password, run_as: None })
     }
 }
 
@@ -264,6 +299,13 @@ fn run_as(user: &str, runtime_dir: &Path) -> Result<Option<RunAs>, InputError> {
     Ok(Some(RunAs { user: u.name, group }))
 }
 
+/// Reads a text file through `files`, failing like [`std::fs::read_to_string`]
+/// when it is not UTF-8.
+fn read_text(files: &dyn Files, path: &Path) -> io::Result<String> {
+    String::from_utf8(files.read(path)?)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "stream did not contain valid UTF-8"))
+}
+
 fn io_err(field: &str, path: &Path, e: std::io::Error) -> InputError {
     let problem = match e.kind() {
         std::io::ErrorKind::NotFound => "no such file".to_owned(),
@@ -283,8 +325,8 @@ fn bad(field: &str, path: &Path, problem: impl Into<String>) -> InputError {
 
 /// Reads a PEM file that must hold at least one certificate; returns its
 /// bytes.
-fn read_certificates(field: &str, path: &Path) -> Result<Vec<u8>, InputError> {
-    let data = std::fs::read(path).map_err(|e| io_err(field, path, e))?;
+fn read_certificates(files: &dyn Files, field: &str, path: &Path) -> Result<Vec<u8>, InputError> {
+    let data = files.read(path).map_err(|e| io_err(field, path, e))?;
     let certs: Vec<_> = CertificateDer::pem_slice_iter(&data)
         .collect::<Result<_, _>>()
         .map_err(|e| bad(field, path, format!("is not valid PEM: {e}")))?;
@@ -295,15 +337,15 @@ fn read_certificates(field: &str, path: &Path) -> Result<Vec<u8>, InputError> {
 }
 
 /// Reads a CA bundle and checks that it holds at least one certificate.
-fn read_ca(field: &str, path: &Path) -> Result<Verify, InputError> {
-    let data = read_certificates(field, path)?;
+fn read_ca(files: &dyn Files, field: &str, path: &Path) -> Result<Verify, InputError> {
+    let data = read_certificates(files, field, path)?;
     let pem = String::from_utf8(data).map_err(|_| bad(field, path, "is not valid PEM: not UTF-8"))?;
     Ok(Verify::Ca { path: path.to_owned(), digest: sha256_hex(pem.as_bytes()), pem })
 }
 
 /// Reads a bearer token: one line of visible ASCII.
-fn read_token(field: &str, path: &Path) -> Result<Secret, InputError> {
-    let data = std::fs::read_to_string(path).map_err(|e| io_err(field, path, e))?;
+fn read_token(files: &dyn Files, field: &str, path: &Path) -> Result<Secret, InputError> {
+    let data = read_text(files, path).map_err(|e| io_err(field, path, e))?;
     let token = data.trim();
     if token.is_empty() {
         return Err(bad(field, path, "is empty"));
@@ -319,9 +361,9 @@ fn read_token(field: &str, path: &Path) -> Result<Secret, InputError> {
 }
 
 /// Reads a stats password: one line of printable ASCII.
-fn read_password(path: &Path) -> Result<Secret, InputError> {
+fn read_password(files: &dyn Files, path: &Path) -> Result<Secret, InputError> {
     const FIELD: &str = "stats.auth.password_file";
-    let data = std::fs::read_to_string(path).map_err(|e| io_err(FIELD, path, e))?;
+    let data = read_text(files, path).map_err(|e| io_err(FIELD, path, e))?;
     let pw = data.strip_suffix('\n').unwrap_or(&data);
     let pw = pw.strip_suffix('\r').unwrap_or(pw);
     if pw.is_empty() {
@@ -336,14 +378,15 @@ fn read_password(path: &Path) -> Result<Secret, InputError> {
 /// Reads a client certificate and its key (from `key` or from the cert
 /// file itself) and returns the bundle HAProxy's `crt` expects.
 fn read_client_cert(
+    files: &dyn Files,
     cert_field: &str,
     cert: &Path,
     key_field: &str,
     key: Option<&Path>,
 ) -> Result<Credential, InputError> {
-    let cert_pem = read_certificates(cert_field, cert)?;
+    let cert_pem = read_certificates(files, cert_field, cert)?;
     let (key_pem, key_path, key_field) = match key {
-        Some(k) => (std::fs::read(k).map_err(|e| io_err(key_field, k, e))?, k, key_field),
+        Some(k) => (files.read(k).map_err(|e| io_err(key_field, k, e))?, k, key_field),
         None => (cert_pem.clone(), cert, cert_field),
     };
     if PrivateKeyDer::from_pem_slice(&key_pem).is_err() {
@@ -369,13 +412,13 @@ const CA_NOT_YET: &str = " (a node's copy of the cluster CA, such as k3s's agent
                           from a server, or use health.auth.mode auto, which checks in bootstrap mode until \
                           the CA and a credential exist)";
 
-fn resolve_check(config: &Config) -> Result<CheckAuth, InputError> {
+fn resolve_check(files: &dyn Files, config: &Config) -> Result<CheckAuth, InputError> {
     let tls = &config.health.tls;
     let auth = &config.health.auth;
     let explicit_verify = || -> Result<Verify, InputError> {
         match &tls.ca_file {
-            Some(ca) => read_ca("health.tls.ca_file", ca).map_err(|mut e| {
-                if !ca.exists() {
+            Some(ca) => read_ca(files, "health.tls.ca_file", ca).map_err(|mut e| {
+                if !files.exists(ca) {
                     e.problem.push_str(CA_NOT_YET);
                 }
                 e
@@ -394,13 +437,14 @@ fn resolve_check(config: &Config) -> Result<CheckAuth, InputError> {
         AuthMode::None => Ok(fixed(explicit_verify()?, Credential::Anonymous, "none".into())),
         AuthMode::Bearer => {
             let path = auth.token_file.as_deref().unwrap_or(Path::new(""));
-            let token = read_token("health.auth.token_file", path)?;
+            let token = read_token(files, "health.auth.token_file", path)?;
             let source = format!("token file {}", path.display());
             Ok(fixed(explicit_verify()?, Credential::Bearer { token, path: path.to_owned() }, source))
         }
         AuthMode::ClientCert => {
             let cert = auth.cert_file.as_deref().unwrap_or(Path::new(""));
             let cred = read_client_cert(
+                files,
                 "health.auth.cert_file",
                 cert,
                 "health.auth.key_file",
@@ -408,7 +452,7 @@ fn resolve_check(config: &Config) -> Result<CheckAuth, InputError> {
             )?;
             Ok(fixed(explicit_verify()?, cred, format!("certificate {}", cert.display())))
         }
-        AuthMode::Auto => resolve_auto(config),
+        AuthMode::Auto => resolve_auto(files, config),
     }
 }
 
@@ -416,7 +460,7 @@ fn resolve_check(config: &Config) -> Result<CheckAuth, InputError> {
 /// first credential that exists wins. Files that exist but are broken are
 /// errors, not skipped: silently falling through to another identity would
 /// hide a real problem.
-fn resolve_auto(config: &Config) -> Result<CheckAuth, InputError> {
+fn resolve_auto(files: &dyn Files, config: &Config) -> Result<CheckAuth, InputError> {
     let tls = &config.health.tls;
     let auth = &config.health.auth;
     let mut notes = Vec::new();
@@ -424,7 +468,7 @@ fn resolve_auto(config: &Config) -> Result<CheckAuth, InputError> {
     // The CA: configured, else taken from the well-known entry that
     // provided the credential.
     let configured_ca = match &tls.ca_file {
-        Some(ca) if ca.exists() => Some(read_ca("health.tls.ca_file", ca)?),
+        Some(ca) if files.exists(ca) => Some(read_ca(files, "health.tls.ca_file", ca)?),
         Some(ca) => {
             notes.push(format!("health.tls.ca_file {} does not exist (yet)", ca.display()));
             None
@@ -435,8 +479,9 @@ fn resolve_auto(config: &Config) -> Result<CheckAuth, InputError> {
 
     let mut found: Option<(Credential, String, Option<Verify>)> = None;
     if let Some(cert) = &auth.cert_file {
-        if cert.exists() {
+        if files.exists(cert) {
             let cred = read_client_cert(
+                files,
                 "health.auth.cert_file",
                 cert,
                 "health.auth.key_file",
@@ -448,8 +493,8 @@ fn resolve_auto(config: &Config) -> Result<CheckAuth, InputError> {
         }
     }
     if let (None, Some(tok)) = (&found, &auth.token_file) {
-        if tok.exists() {
-            let token = read_token("health.auth.token_file", tok)?;
+        if files.exists(tok) {
+            let token = read_token(files, "health.auth.token_file", tok)?;
             let cred = Credential::Bearer { token, path: tok.clone() };
             found = Some((cred, format!("token file {}", tok.display()), None));
         } else {
@@ -458,18 +503,19 @@ fn resolve_auto(config: &Config) -> Result<CheckAuth, InputError> {
     }
     if found.is_none() {
         for (i, wk) in auth.well_known.iter().enumerate() {
-            if !wk.cert_file.exists() {
+            if !files.exists(&wk.cert_file) {
                 continue;
             }
             let field = format!("health.auth.well_known[{i}]");
             let cred = read_client_cert(
+                files,
                 &format!("{field}.cert_file"),
                 &wk.cert_file,
                 &format!("{field}.key_file"),
                 wk.key_file.as_deref(),
             )?;
             let ca = match &wk.ca_file {
-                Some(ca) if ca.exists() => Some(read_ca(&format!("{field}.ca_file"), ca)?),
+                Some(ca) if files.exists(ca) => Some(read_ca(files, &format!("{field}.ca_file"), ca)?),
                 _ => None,
             };
             found = Some((cred, format!("{} ({})", wk.name, wk.cert_file.display()), ca));
@@ -496,17 +542,17 @@ fn resolve_auto(config: &Config) -> Result<CheckAuth, InputError> {
             );
             let verify = match configured_ca {
                 Some(v) => v,
-                None => first_existing_ca(config)?.unwrap_or(Verify::BootstrapNoCa),
+                None => first_existing_ca(files, config)?.unwrap_or(Verify::BootstrapNoCa),
             };
             Ok(bootstrap(verify, notes))
         }
     }
 }
 
-fn first_existing_ca(config: &Config) -> Result<Option<Verify>, InputError> {
+fn first_existing_ca(files: &dyn Files, config: &Config) -> Result<Option<Verify>, InputError> {
     for (i, wk) in config.health.auth.well_known.iter().enumerate() {
-        if let Some(ca) = wk.ca_file.as_deref().filter(|p| p.exists()) {
-            return read_ca(&format!("health.auth.well_known[{i}].ca_file"), ca).map(Some);
+        if let Some(ca) = wk.ca_file.as_deref().filter(|p| files.exists(p)) {
+            return read_ca(files, &format!("health.auth.well_known[{i}].ca_file"), ca).map(Some);
         }
     }
     Ok(None)
@@ -519,5 +565,134 @@ fn bootstrap(verify: Verify, notes: Vec<String>) -> CheckAuth {
         bootstrap: true,
         source: "no usable credential yet".into(),
         notes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    /// Files made up in memory; everything else does not exist.
+    #[derive(Default)]
+    struct Memory(HashMap<PathBuf, Vec<u8>>);
+
+    impl Memory {
+        fn with(mut self, path: &str, content: &str) -> Self {
+            self.0.insert(path.into(), content.as_bytes().to_vec());
+            self
+        }
+    }
+
+    impl Files for Memory {
+        fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+            self.0.get(path).cloned().ok_or_else(|| io::ErrorKind::NotFound.into())
+        }
+        fn exists(&self, path: &Path) -> bool {
+            self.0.contains_key(path)
+        }
+    }
+
+    /// PEM that passes the checks here (they do not parse the DER).
+    const CERT: &str = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+    const KEY: &str = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
+    const K3S_CERT: &str = "/var/lib/rancher/k3s/agent/client-kubelet.crt";
+    const K3S_KEY: &str = "/var/lib/rancher/k3s/agent/client-kubelet.key";
+    const K3S_CA: &str = "/var/lib/rancher/k3s/agent/server-ca.crt";
+
+    fn config(health: &str) -> Config {
+        Config::parse(&format!("masters: [10.0.0.1:6443]\n{health}"), "t").unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn ca(path: &str) -> Verify {
+        Verify::Ca { path: path.into(), digest: sha256_hex(CERT.as_bytes()), pem: CERT.into() }
+    }
+
+    #[test]
+    fn auto_picks_the_first_well_known_credential_with_its_ca() {
+        let files = Memory::default().with(K3S_CERT, CERT).with(K3S_KEY, KEY).with(K3S_CA, CERT);
+        let inputs = Inputs::gather_with(&config(""), &files).unwrap();
+        let check = inputs.check;
+        assert!(!check.bootstrap);
+        assert_eq!(check.verify, ca(K3S_CA));
+        assert!(matches!(&check.credential, Credential::ClientCert { cert_path, bundle, .. }
+            if cert_path == Path::new(K3S_CERT) && bundle.expose() == format!("{CERT}{KEY}")));
+        assert_eq!(check.source, format!("k3s-agent ({K3S_CERT})"));
+        assert_eq!(check.notes, Vec::<String>::new());
+        assert_eq!((inputs.stats_password, inputs.run_as), (None, None));
+    }
+
+    #[test]
+    fn auto_prefers_the_configured_files_to_the_well_known_ones() {
+        let files = Memory::default()
+            .with("/t", "tok-en\n")
+            .with("/ca", CERT)
+            .with(K3S_CERT, CERT)
+            .with(K3S_KEY, KEY)
+            .with(K3S_CA, CERT);
+        let c = config("health: {tls: {ca_file: /ca}, auth: {token_file: /t, cert_file: /missing}}\n");
+        let check = Inputs::gather_with(&c, &files).unwrap().check;
+        assert_eq!(check.credential, Credential::Bearer { token: Secret::new("tok-en"), path: "/t".into() });
+        assert_eq!(check.verify, ca("/ca"));
+        assert_eq!(check.source, "token file /t");
+        assert_eq!(check.notes, ["health.auth.cert_file /missing does not exist (yet)"]);
+    }
+
+    #[test]
+    fn auto_without_a_credential_checks_in_bootstrap_mode() {
+        let check = Inputs::gather_with(&config(""), &Memory::default()).unwrap().check;
+        assert!(check.bootstrap);
+        assert_eq!(check.mode_in_use(), "bootstrap");
+        assert_eq!((&check.verify, &check.credential), (&Verify::BootstrapNoCa, &Credential::Anonymous));
+        assert!(check.notes[0].starts_with("no credential found"), "{:?}", check.notes);
+        // A well-known CA alone verifies the servers, still in bootstrap.
+        let rke2_ca = "/var/lib/rancher/rke2/agent/server-ca.crt";
+        let check = Inputs::gather_with(&config(""), &Memory::default().with(rke2_ca, CERT)).unwrap().check;
+        assert!(check.bootstrap);
+        assert_eq!(check.verify, ca(rke2_ca));
+    }
+
+    #[test]
+    fn auto_never_sends_a_credential_without_a_ca() {
+        let files = Memory::default().with(K3S_CERT, CERT).with(K3S_KEY, KEY);
+        let check = Inputs::gather_with(&config(""), &files).unwrap().check;
+        assert!(check.bootstrap);
+        assert_eq!((&check.verify, &check.credential), (&Verify::BootstrapNoCa, &Credential::Anonymous));
+        assert!(
+            check.notes.iter().any(|n| n.starts_with(&format!("found k3s-agent ({K3S_CERT}) but no CA")))
+        );
+    }
+
+    #[test]
+    fn a_broken_file_that_exists_is_an_error_not_skipped() {
+        let files = Memory::default().with(K3S_CERT, "not PEM").with(K3S_KEY, KEY).with(K3S_CA, CERT);
+        let e = Inputs::gather_with(&config(""), &files).unwrap_err();
+        assert_eq!(e.field, "health.auth.well_known[0].cert_file");
+        assert_eq!(e.problem, "holds no PEM certificate");
+    }
+
+    #[test]
+    fn the_stats_password_and_explicit_modes_read_through_the_seam() {
+        let c = config(
+            "health: {tls: {insecure_skip_verify: true}, auth: {mode: bearer, token_file: /t}}\n\
+             stats: {auth: {user: u, password_file: /p}}\n",
+        );
+        let files = Memory::default().with("/t", "tok").with("/p", "pass word\n");
+        let inputs = Inputs::gather_with(&c, &files).unwrap();
+        assert_eq!(inputs.stats_password, Some(Secret::new("pass word")));
+        assert_eq!(inputs.check.verify, Verify::Insecure);
+        let e = Inputs::gather_with(&c, &Memory::default().with("/t", "tok")).unwrap_err();
+        assert_eq!((e.field.as_str(), e.problem.as_str()), ("stats.auth.password_file", "no such file"));
+    }
+
+    #[test]
+    fn a_text_file_that_is_not_utf8_fails_as_read_to_string_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, b"\xff\xfe").unwrap();
+        let ours = read_text(&Disk, &path).unwrap_err();
+        let std = std::fs::read_to_string(&path).unwrap_err();
+        assert_eq!((ours.kind(), ours.to_string()), (std.kind(), std.to_string()));
     }
 }

@@ -9,16 +9,12 @@
 pub mod agent;
 pub mod backoff;
 pub mod config;
-pub mod demo;
 pub mod digest;
 pub mod discovery;
 pub mod fsutil;
-#[doc(hidden)]
-pub mod fuzzing;
 pub mod haproxy;
 pub mod http;
 pub mod inputs;
-pub mod lab;
 pub mod layout;
 pub mod manual;
 pub mod masters;
@@ -29,7 +25,6 @@ pub mod sanitize;
 pub mod status;
 pub mod status_client;
 pub mod systemd;
-pub mod testapi;
 pub mod tls;
 
 use std::path::Path;

@@ -61,19 +61,6 @@ enum Command {
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
         shutdown_grace: Duration,
     },
-    /// Try apilb on this machine: three local test API servers behind the
-    /// real agent and HAProxy on 127.0.0.1:16443 (or a free port).
-    ///
-    /// The servers speak real TLS with a CA generated on the fly and have
-    /// anonymous auth off, like k3s; the checks use a verified client
-    /// certificate. Break masters from the prompt (crash, hang, fail) and
-    /// watch the failover. Ctrl-C stops everything and removes every file.
-    /// Needs HAProxy 2.6+ installed; runs without root.
-    Demo {
-        /// The HAProxy binary to use.
-        #[arg(long, default_value = "haproxy")]
-        haproxy: String,
-    },
     /// Run the health check from here, step by step, and explain failures.
     ///
     /// Uses the same CA, server name and credential as HAProxy's check.
@@ -173,8 +160,8 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(dispatch(cli));
-    // A blocking read of stdin (the demo's prompt) would otherwise keep the
-    // process alive after everything else has stopped.
+    // A task stuck in a blocking call would otherwise keep the process
+    // alive after everything else has stopped.
     runtime.shutdown_timeout(Duration::from_millis(200));
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -196,11 +183,6 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Run { shutdown_grace } => {
             init_logging(cli.log_format, "info");
             run(agent::Options { config_path: cli.config, shutdown_grace }).await
-        }
-        Command::Demo { haproxy } => {
-            // State changes (apilb) and HAProxy's warnings; not every notice.
-            init_logging(cli.log_format, "warn,apilb::agent=info");
-            apilb::demo::run(&haproxy).await.map_err(|e| (EXIT_FAILURE, e.to_string()))
         }
         Command::Status { json, address } => status(&cli.config, json, address).await,
         Command::Reload { pid, timeout } => reload(&cli.config, pid, timeout).await,

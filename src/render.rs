@@ -16,9 +16,7 @@ use askama::Template;
 use crate::config::{Balance, Config, Master};
 use crate::digest::sha256_hex;
 use crate::inputs::{Credential, Inputs, Secret, Verify};
-/// Kept for src/fuzzing.rs, which is moving to its own crate; new code
-/// names [`crate::layout::Paths`].
-pub use crate::layout::Paths;
+use crate::layout::Paths;
 
 /// Name of the HAProxy backend holding the masters.
 pub const BACKEND: &str = "masters";

@@ -6,8 +6,8 @@ mod support;
 use std::time::Duration;
 
 use apilb::agent::Exit;
-use apilb::lab::LabOptions;
-use apilb::testapi::Session;
+use apilb_testkit::lab::LabOptions;
+use apilb_testkit::testapi::Session;
 use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -49,7 +49,7 @@ async fn twenty_reloads_under_load_lose_no_connection() {
     let mut env = Env::new(LabOptions::default()).await;
     env.start_agent().await;
     env.wait_all_up().await;
-    let load = apilb::testapi::Load::start(
+    let load = apilb_testkit::testapi::Load::start(
         env.lab.listen,
         env.lab.client_tls().unwrap(),
         Some(env.lab.token.clone()),
@@ -308,7 +308,7 @@ async fn haproxy_stats_and_exporter_require_auth() {
     // A password with every character that is special to haproxy.cfg.
     let password = "p'a\"s$HOME #x\\y%z";
     std::fs::write(env.lab.path("stats-password"), format!("{password}\n")).unwrap();
-    let port = apilb::lab::free_port(None).unwrap();
+    let port = apilb_testkit::lab::free_port(None).unwrap();
     let yaml = env.lab.config_yaml(&format!(
         "stats:\n  listen: 127.0.0.1:{port}\n  auth: {{user: admin, password_file: {}}}\n",
         env.lab.path("stats-password").display()

@@ -1,13 +1,12 @@
-//! The `apilb` binary as users run it: status, demo, JSON logs, systemd
+//! The `apilb` binary as users run it: status, JSON logs, systemd
 //! readiness, the unit file, render/check exit codes.
 
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use apilb::lab::LabOptions;
+use apilb_testkit::lab::LabOptions;
 use support::*;
 
 fn apilb() -> Command {
@@ -54,7 +53,7 @@ async fn status_prints_a_true_picture_and_json() {
 #[test]
 fn status_without_an_agent_says_so() {
     let dir = tempfile::tempdir().unwrap();
-    let port = apilb::lab::free_port(None).unwrap();
+    let port = apilb_testkit::lab::free_port(None).unwrap();
     let cfg = dir.path().join("apilb.yaml");
     std::fs::write(&cfg, format!("masters: [10.0.0.1:6443]\nmetrics: {{listen: \"127.0.0.1:{port}\"}}\n"))
         .unwrap();
@@ -174,85 +173,6 @@ async fn json_logs_and_systemd_readiness() {
     assert!(!logs.contains('\u{1b}'), "no terminal colours in logs");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn demo_runs_shows_failover_and_cleans_up_on_ctrl_c() {
-    /// Kills the demo and its HAProxy if the test fails midway.
-    struct Guard(std::process::Child, Option<u32>);
-    impl Drop for Guard {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-            if let Some(pid) = self.1 {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
-    }
-    let child = apilb()
-        .arg("demo")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut guard = Guard(child, None);
-    let child = &mut guard.0;
-    let mut stdin = child.stdin.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    for pipe in [
-        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-        Box::new(child.stderr.take().unwrap()),
-    ] {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-    }
-    let mut seen = String::new();
-    let mut wait_for = |needle: &str, limit: Duration| {
-        let start = std::time::Instant::now();
-        while !seen.contains(needle) {
-            let left =
-                limit.checked_sub(start.elapsed()).unwrap_or_else(|| panic!("no {needle:?} in:\n{seen}"));
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    seen.push_str(&line);
-                    seen.push('\n');
-                }
-                Err(_) => panic!("no {needle:?} in:\n{seen}"),
-            }
-        }
-        seen.clone()
-    };
-    wait_for("3/3 masters up", Duration::from_secs(30));
-    let out = wait_for("Check: client_cert", Duration::from_secs(5));
-    let dir =
-        out.split("config          ").nth(1).and_then(|r| r.split("/apilb.yaml").next()).unwrap().to_owned();
-    let pid: i32 =
-        out.split("master ").filter_map(|r| r.split(',').next()?.trim().parse().ok()).next().unwrap();
-    guard.1 = Some(pid as u32);
-    assert!(out.contains("local endpoint  https://127.0.0.1:"), "{out}");
-    writeln!(stdin, "hang 1").unwrap();
-    // A timeout at layer 6 (TLS handshake) or 7 (HTTP), depending on where
-    // the check was when the master hung.
-    let out = wait_for("master-1 is DOWN (was UP): L", Duration::from_secs(15));
-    let line = out.lines().find(|l| l.contains("master-1 is DOWN (was UP)")).unwrap();
-    assert!(line.contains("TOUT"), "{line}");
-    writeln!(stdin, "resume 1").unwrap();
-    wait_for("master-1 is UP (was DOWN)", Duration::from_secs(15));
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT)
-        .unwrap();
-    let status = child.wait().unwrap();
-    assert!(status.success(), "demo exit: {status}");
-    wait_for("removed", Duration::from_secs(5));
-    assert!(!alive(pid as u32), "the demo left HAProxy running");
-    assert!(!std::path::Path::new(&dir).exists(), "the demo left {dir}");
-}
-
 #[test]
 fn the_unit_file_verifies() {
     if Command::new("systemd-analyze").arg("--version").output().is_err() {
@@ -367,7 +287,8 @@ fn check(config: &std::path::Path) -> (Option<i32>, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_and_render_give_the_hash_the_agent_reports() {
     use sha2::{Digest, Sha256};
-    let mut env = Env::new(LabOptions { auth: apilb::lab::LabAuth::Bearer, ..LabOptions::default() }).await;
+    let mut env =
+        Env::new(LabOptions { auth: apilb_testkit::lab::LabAuth::Bearer, ..LabOptions::default() }).await;
     env.start_agent().await;
     let s = env.wait_all_up().await;
     let config = env.lab.config_path();

@@ -12,8 +12,8 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use apilb::haproxy::{cli, stat};
-use apilb::lab::{ClusterKind, LabOptions, loopback};
-use apilb::testapi::Load;
+use apilb_testkit::lab::{ClusterKind, LabOptions, loopback};
+use apilb_testkit::testapi::Load;
 use support::*;
 
 fn cluster_opts() -> LabOptions {

@@ -257,7 +257,7 @@ fn flags_of(subcommand: &str) -> BTreeSet<String> {
 
 #[test]
 fn every_apilb_flag_the_docs_use_exists() {
-    let subcommands = ["run", "status", "probe", "reload", "check", "render", "demo", "completions", "man"];
+    let subcommands = ["run", "status", "probe", "reload", "check", "render", "completions", "man"];
     let mut bad = Vec::new();
     for (file, text) in documents() {
         for span in code_spans(&text) {

@@ -10,8 +10,8 @@ mod support;
 
 use std::time::Duration;
 
-use apilb::lab::LabOptions;
-use apilb::testapi::{Load, LoadReport, Session};
+use apilb_testkit::lab::LabOptions;
+use apilb_testkit::testapi::{Load, LoadReport, Session};
 use support::*;
 use tokio::time::Instant;
 

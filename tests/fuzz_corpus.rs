@@ -1,6 +1,7 @@
 //! Replays the fuzz corpus and the crash reproducers on the stable
-//! toolchain, through the same `apilb::fuzzing` functions the cargo-fuzz
-//! targets call (fuzz/fuzz_targets). A panic in any of them fails the test.
+//! toolchain, through the same `apilb_testkit::fuzzing` functions the
+//! cargo-fuzz targets call (fuzz/fuzz_targets). A panic in any of them
+//! fails the test.
 //! See docs/fuzzing.md.
 
 use std::path::{Path, PathBuf};
@@ -10,12 +11,12 @@ type Target = fn(&[u8]);
 
 /// Every fuzz target and the function it runs.
 const TARGETS: [(&str, Target); 6] = [
-    ("config", apilb::fuzzing::config),
-    ("haproxy_reply", apilb::fuzzing::haproxy_reply),
-    ("discovery", apilb::fuzzing::discovery),
-    ("persisted", apilb::fuzzing::persisted),
-    ("kubeconfig", apilb::fuzzing::kubeconfig),
-    ("discovery_stream", apilb::fuzzing::discovery_stream),
+    ("config", apilb_testkit::fuzzing::config),
+    ("haproxy_reply", apilb_testkit::fuzzing::haproxy_reply),
+    ("discovery", apilb_testkit::fuzzing::discovery),
+    ("persisted", apilb_testkit::fuzzing::persisted),
+    ("kubeconfig", apilb_testkit::fuzzing::kubeconfig),
+    ("discovery_stream", apilb_testkit::fuzzing::discovery_stream),
 ];
 
 /// The files of `fuzz/<kind>/<target>`, sorted; fails when the directory is

@@ -8,9 +8,9 @@ use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use apilb::lab::{LabAuth, LabOptions};
 use apilb::layout::Paths;
-use apilb::testapi::{ApiServer, ApiServerOptions, Auth};
+use apilb_testkit::lab::{LabAuth, LabOptions};
+use apilb_testkit::testapi::{ApiServer, ApiServerOptions, Auth};
 use support::*;
 
 fn apilb() -> Command {
@@ -146,7 +146,7 @@ async fn auto_bootstraps_then_switches_to_the_node_credential_by_itself() {
     let first_worker = s.haproxy.workers.clone();
 
     // The node joins: its credential and CA appear. Traffic keeps flowing.
-    let load = apilb::testapi::Load::start(
+    let load = apilb_testkit::testapi::Load::start(
         env.lab.listen,
         env.lab.client_tls().unwrap(),
         Some(env.lab.token.clone()),
@@ -175,7 +175,7 @@ async fn auto_bootstraps_then_switches_to_the_node_credential_by_itself() {
 /// A one-server lab whose server presents the certificate `make` issues
 /// (given the lab's CA).
 async fn lab_with_cert(
-    make: impl FnOnce(&apilb::testapi::Pki) -> apilb::testapi::CertPair,
+    make: impl FnOnce(&apilb_testkit::testapi::Pki) -> apilb_testkit::testapi::CertPair,
 ) -> (Env, ApiServer) {
     let env = Env::new(LabOptions { masters: 1, ..LabOptions::default() }).await;
     let cert = make(&env.lab.pki);
@@ -196,7 +196,7 @@ async fn lab_with_cert(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probe_diagnoses_a_wrong_ca() {
     let (env, _server) = lab_with_cert(|_| {
-        let other = apilb::testapi::Pki::new("some other CA").unwrap();
+        let other = apilb_testkit::testapi::Pki::new("some other CA").unwrap();
         other.server_cert("kube-apiserver", &["kubernetes", "127.0.0.1"]).unwrap()
     })
     .await;
@@ -328,7 +328,7 @@ async fn a_bearer_node_joins_before_its_ca_exists() {
     );
 
     // The join writes the CA: verified bearer checks, without dropping a connection.
-    let load = apilb::testapi::Load::start(
+    let load = apilb_testkit::testapi::Load::start(
         env.lab.listen,
         env.lab.client_tls().unwrap(),
         Some(env.lab.token.clone()),

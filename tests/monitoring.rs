@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use apilb::lab::LabOptions;
+use apilb_testkit::lab::LabOptions;
 use support::*;
 
 /// Metrics the discovery work will add (names agreed in advance).

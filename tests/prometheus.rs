@@ -64,7 +64,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use apilb::agent::Control;
-use apilb::lab::{ClusterKind, LabOptions};
+use apilb_testkit::lab::{ClusterKind, LabOptions};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 use support::*;
@@ -187,7 +187,7 @@ impl Prometheus {
         // Prometheus cannot report a port it picked itself: take a free
         // one, and try another if something took it in between.
         for _ in 0..5 {
-            let port = apilb::lab::free_port(None).unwrap();
+            let port = apilb_testkit::lab::free_port(None).unwrap();
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
             let mut cmd = std::process::Command::new(binary);
             cmd.arg(format!("--config.file={}", dir.path().join("prometheus.yml").display()))
@@ -543,7 +543,7 @@ async fn alerts_and_dashboard_on_a_real_prometheus() {
 
     // A: three static masters and HAProxy's exporter.
     let mut a = Env::new(LabOptions::default()).await;
-    let stats = SocketAddr::from(([127, 0, 0, 1], apilb::lab::free_port(None).unwrap()));
+    let stats = SocketAddr::from(([127, 0, 0, 1], apilb_testkit::lab::free_port(None).unwrap()));
     let a_yaml = a.lab.config_yaml(&format!("stats:\n  listen: \"{stats}\"\n"));
     a.lab.write_config(&a_yaml).unwrap();
     a.start_agent().await;

@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use apilb::lab::LabOptions;
+use apilb_testkit::lab::LabOptions;
 use support::*;
 use tokio::net::TcpStream;
 

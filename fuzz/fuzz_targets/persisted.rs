@@ -1,3 +1,3 @@
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| apilb::fuzzing::persisted(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| apilb_testkit::fuzzing::persisted(data));

@@ -5,7 +5,7 @@
 # scripts/test-migration: Debian containers booted with systemd-nspawn over
 # an overlay of the cached roots (scripts/debian-root), systemd as PID 1,
 # sharing this machine's network namespace; the test masters and the load
-# clients of examples/node_lab.rs on the host; Ansible entering the
+# clients of testkit/examples/node_lab.rs on the host; Ansible entering the
 # containers through tests/systemd/connection_plugins/lab_nsenter.py; a
 # teardown that leaves nothing running, failure included.
 #
@@ -40,11 +40,11 @@ lab_tools() {
   done
 }
 
-# Builds apilb, examples/node_lab and two .debs of it into $target/DIR
-# (first/: the version in Cargo.toml; upgrade/: a higher one); sets target,
-# node_lab, deb1, deb2, v1 and v2. The .debs are made again only when the
-# binary or what packaging puts around it changed since the last build (so
-# scripts/test-migration reuses those of scripts/test-systemd). With
+# Builds apilb, the test kit's node_lab example and two .debs of apilb into
+# $target/DIR (first/: the version in Cargo.toml; upgrade/: a higher one);
+# sets target, node_lab, deb1, deb2, v1 and v2. The .debs are made again
+# only when the binary or what packaging puts around it changed since the
+# last build (so scripts/test-migration reuses those of scripts/test-systemd). With
 # APILB_LAB_PREBUILT=1 (a second run of the same script, under flock -o) it
 # only finds them.
 lab_build() { # dir under the target directory
@@ -53,7 +53,10 @@ lab_build() { # dir under the target directory
   node_lab=$target/release/examples/node_lab
   debs=$target/$1
   if [ -z "${APILB_LAB_PREBUILT:-}" ]; then
-    cargo build --release --locked --quiet --bin apilb --example node_lab
+    cargo build --release --locked --quiet --bin apilb
+    # Apart, so the shipped binary is built exactly as scripts/test-package
+    # builds it (no feature of the test kit's dependencies unified into it).
+    cargo build --release --locked --quiet -p apilb-testkit --example node_lab
     stamp=$( (sha256sum "$target/release/apilb" Cargo.toml systemd/apilb.service; find packaging -type f -exec sha256sum {} +) \
       | sort -k2 | sha256sum | cut -d' ' -f1)
     if [ "$(cat "$debs/.stamp" 2>/dev/null)" = "$stamp" ] && ls "$debs"/first/apilb_*.deb "$debs"/upgrade/apilb_*.deb >/dev/null 2>&1; then
@@ -415,10 +418,10 @@ passed() { # details
   say "PASS $check_n. $check_text: $1"
 }
 
-# Starts the test API servers (examples/node_lab.rs masters) into $lab;
+# Starts the test API servers (testkit/examples/node_lab.rs masters) into $lab;
 # sets listen (the node's endpoint).
 lab_start_masters() {
-  say "starting the test API servers (examples/node_lab.rs)"
+  say "starting the test API servers (testkit/examples/node_lab.rs)"
   "$node_lab" masters --out "$lab" --max-seconds 3600 8>&- 9>&- >"$logs/masters.log" 2>&1 &
   masters_pid=$!
   wait_for 30 "the test API servers" test -e "$lab/ready"

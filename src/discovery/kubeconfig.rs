@@ -250,7 +250,7 @@ pub fn load(path: &Path) -> Result<KubeAccess, KubeconfigError> {
 
 /// Builds the access from the kubeconfig `text` found at `path`; `read`
 /// reads the files it refers to (the only I/O).
-pub(crate) fn parse(
+pub fn parse(
     path: &Path,
     text: &str,
     read: &dyn Fn(&Path) -> std::io::Result<Vec<u8>>,

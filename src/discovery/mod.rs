@@ -82,7 +82,7 @@ pub fn spawn(opts: Options, tx: mpsc::Sender<Update>) -> JoinHandle<()> {
 
 /// Why one list/watch session ended.
 #[derive(Debug)]
-pub(crate) enum End {
+pub enum End {
     /// The resourceVersion expired: list again at once.
     Expired,
     /// Anything else: back off, then list again.
@@ -363,7 +363,7 @@ async fn session(
 
 /// What one watch event did.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Event {
+pub enum Event {
     /// An object was added, modified or deleted.
     Changed,
     /// Only the resourceVersion advanced.
@@ -387,7 +387,7 @@ const LIST_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Applies one line of a watch stream to the objects by name and to the
 /// resourceVersion the next watch resumes from.
-pub(crate) fn apply_event(
+pub fn apply_event(
     line: &[u8],
     api: Api,
     rv: &mut String,
@@ -487,9 +487,7 @@ async fn list(client: &Client, api: Api) -> Result<(String, BTreeMap<String, ser
 }
 
 /// Parses a list response: its resourceVersion and the objects by name.
-pub(crate) fn parse_list(
-    bytes: &[u8],
-) -> Result<(String, BTreeMap<String, serde_json::Value>), serde_json::Error> {
+pub fn parse_list(bytes: &[u8]) -> Result<(String, BTreeMap<String, serde_json::Value>), serde_json::Error> {
     let list: List = serde_json::from_slice(bytes)?;
     let objects = list
         .items

@@ -8,10 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use apilb::haproxy::stat::ProcInfo;
-use apilb::lab::Lab;
 use apilb::status::Status;
-use apilb::testapi::Session;
-use apilb::testapi::pool::{Pool, PoolOptions};
+use apilb_testkit::lab::Lab;
+use apilb_testkit::testapi::Session;
+use apilb_testkit::testapi::pool::{Pool, PoolOptions};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 

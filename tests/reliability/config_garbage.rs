@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use apilb::agent::Control;
 use apilb::haproxy::stat::ProcInfo;
-use apilb::lab::{Lab, LabOptions};
-use apilb::testapi::{Load, Session};
+use apilb_testkit::lab::{Lab, LabOptions};
+use apilb_testkit::testapi::{Load, Session};
 
 use crate::common::*;
 use crate::support::*;

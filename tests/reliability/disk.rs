@@ -7,8 +7,8 @@
 use std::time::{Duration, Instant};
 
 use apilb::agent::Control;
-use apilb::lab::LabOptions;
-use apilb::testapi::{Load, Session};
+use apilb_testkit::lab::LabOptions;
+use apilb_testkit::testapi::{Load, Session};
 
 use crate::common::*;
 use crate::support::*;

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use apilb::lab::LabOptions;
+use apilb_testkit::lab::LabOptions;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 

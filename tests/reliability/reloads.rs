@@ -5,8 +5,8 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use apilb::agent::Control;
-use apilb::lab::LabOptions;
-use apilb::testapi::Load;
+use apilb_testkit::lab::LabOptions;
+use apilb_testkit::testapi::Load;
 
 use crate::common::*;
 use crate::support::*;
@@ -48,7 +48,7 @@ async fn long_lived_connections_survive_twenty_reloads_under_load() {
     let first_worker = show_proc(&env.lab).await.unwrap().workers[0].pid;
 
     let load = Load::start(env.lab.listen, env.lab.client_tls().unwrap(), Some(env.lab.token.clone()), 2);
-    let mut pins = apilb::testapi::pool::Pool::new(pool_options(&env.lab));
+    let mut pins = apilb_testkit::testapi::pool::Pool::new(pool_options(&env.lab));
     // The workers holding connections, oldest first.
     let mut pinned = vec![first_worker];
     let first_reload = Instant::now();

@@ -6,8 +6,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use apilb::lab::{ClusterKind, LabOptions};
-use apilb::testapi::Session;
+use apilb_testkit::lab::{ClusterKind, LabOptions};
+use apilb_testkit::testapi::Session;
 use nix::sys::signal::Signal;
 
 use crate::common::*;

@@ -7,18 +7,18 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use apilb::agent::{self, Control, Exit, Handle};
-#[allow(unused_imports)]
-pub use apilb::lab::LabAuth;
-use apilb::lab::{Lab, LabOptions};
 use apilb::layout::Paths;
 use apilb::status::Status;
+#[allow(unused_imports)]
+pub use apilb_testkit::lab::LabAuth;
+use apilb_testkit::lab::{Lab, LabOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// The runtime layout of a lab's agent: its config puts the runtime and
 /// state directories under the lab directory.
 pub fn layout(lab: &Lab) -> Paths {
-    Paths::under(&lab.path(""))
+    Paths::under(lab.dir.path())
 }
 
 /// Logs from the agent and HAProxy, shown for failing tests.
@@ -149,10 +149,10 @@ where
 /// A connection through the load balancer that landed on `server`. The
 /// attempts that landed elsewhere are held until then, so `leastconn`
 /// (which prefers the master with the fewest connections) moves on.
-pub async fn session_on(env: &Env, server: &str) -> apilb::testapi::Session {
+pub async fn session_on(env: &Env, server: &str) -> apilb_testkit::testapi::Session {
     let mut others = Vec::new();
     for _ in 0..60 {
-        let mut s = apilb::testapi::Session::connect(
+        let mut s = apilb_testkit::testapi::Session::connect(
             env.lab.listen,
             env.lab.client_tls().unwrap(),
             Some(&env.lab.token),
@@ -199,7 +199,7 @@ pub async fn wait_haproxy(
 /// Which master answers a fresh connection through the load balancer.
 pub async fn served_by(env: &Env) -> Result<String, String> {
     let tls = env.lab.client_tls().map_err(|e| e.to_string())?;
-    let mut s = apilb::testapi::Session::connect(env.lab.listen, tls, Some(&env.lab.token)).await?;
+    let mut s = apilb_testkit::testapi::Session::connect(env.lab.listen, tls, Some(&env.lab.token)).await?;
     s.served_by().await
 }
 

@@ -1,5 +1,5 @@
 //! A stand-in Kubernetes API server speaking real TLS and HTTP/1.1, for
-//! `apilb demo`, the integration tests and the benchmarks.
+//! the demo (`scripts/demo`), the integration tests and the benchmarks.
 //!
 //! It answers `/readyz`, `/livez`, `/healthz` and `/version` like
 //! kube-apiserver does (including 401 for anonymous requests when anonymous

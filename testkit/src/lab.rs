@@ -1,7 +1,7 @@
-//! A throw-away cluster on loopback for `apilb demo`, the integration tests
-//! and the benchmarks: a CA generated on the fly, N test API servers with
-//! anonymous auth off (like k3s), a node credential, and an apilb.yaml in a
-//! private temporary directory.
+//! A throw-away cluster on loopback for the demo (`scripts/demo`), the
+//! integration tests and the benchmarks: a CA generated on the fly, N test
+//! API servers with anonymous auth off (like k3s), a node credential, and
+//! an apilb.yaml in a private temporary directory.
 
 use std::net::{IpAddr, SocketAddr, TcpListener as StdListener};
 use std::path::PathBuf;
@@ -209,7 +209,7 @@ impl Lab {
 
     fn write_files(&self) -> std::io::Result<()> {
         let write =
-            |name: &str, data: &str| crate::fsutil::write_atomic(&self.path(name), data.as_bytes(), 0o600);
+            |name: &str, data: &str| apilb::fsutil::write_atomic(&self.path(name), data.as_bytes(), 0o600);
         write("ca.crt", &self.pki.ca_pem())?;
         write("node.crt", &self.node_cert.cert_pem)?;
         write("node.key", &self.node_cert.key_pem)?;
@@ -313,7 +313,7 @@ impl Lab {
 
     /// Writes the config file atomically.
     pub fn write_config(&self, yaml: &str) -> std::io::Result<()> {
-        crate::fsutil::write_atomic(&self.config_path(), yaml.as_bytes(), 0o600)
+        apilb::fsutil::write_atomic(&self.config_path(), yaml.as_bytes(), 0o600)
     }
 
     /// TLS for clients of the servers (trusts the lab CA).

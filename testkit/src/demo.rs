@@ -1,4 +1,5 @@
-//! `apilb demo`: the whole product on one machine, in one command.
+//! `apilb-demo` (`scripts/demo`): the whole product on one machine, in one
+//! command.
 //!
 //! Three test API servers speaking real TLS (CA generated on the fly,
 //! anonymous auth off like k3s) and the real agent and HAProxy in front of
@@ -12,11 +13,11 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 
-use crate::agent::{self, Control};
-use crate::haproxy::Binary;
 use crate::lab::{Lab, LabAuth, LabOptions};
-use crate::status::Status;
-use crate::status_client;
+use apilb::agent::{self, Control};
+use apilb::haproxy::Binary;
+use apilb::status::Status;
+use apilb::status_client;
 
 /// Why the demo could not run.
 #[derive(Debug, thiserror::Error)]
@@ -25,7 +26,7 @@ pub enum DemoError {
     #[error(
         "the demo needs HAProxy 2.6 or later: {0} (on Debian/Ubuntu: sudo apt-get install haproxy, or run scripts/ensure-deps)"
     )]
-    Haproxy(#[source] crate::haproxy::BinaryError),
+    Haproxy(#[source] apilb::haproxy::BinaryError),
     /// The test servers could not start.
     #[error("cannot start the test API servers: {0}")]
     Lab(#[from] crate::testapi::TestApiError),
@@ -63,7 +64,7 @@ pub async fn run(binary: &str) -> Result<(), DemoError> {
         shutdown_grace: Duration::from_secs(2),
     })
     .await?;
-    let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "apilb".into());
+    let exe = apilb_command();
     let d = lab.dir.path().display();
     println!(
         "\napilb demo: three test API servers (real TLS, anonymous auth off) behind HAProxy,\n\
@@ -133,6 +134,16 @@ pub async fn run(binary: &str) -> Result<(), DemoError> {
     drop(lab);
     println!("stopped ({exit:?}); removed {dir}");
     Ok(())
+}
+
+/// How to run `apilb` in another terminal: the binary built beside this
+/// one (`scripts/demo` builds both), else `apilb` from the PATH.
+fn apilb_command() -> String {
+    std::env::current_exe()
+        .ok()
+        .map(|p| p.with_file_name("apilb"))
+        .filter(|p| p.is_file())
+        .map_or_else(|| "apilb".into(), |p| p.display().to_string())
 }
 
 fn prompt() {

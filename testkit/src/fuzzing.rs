@@ -12,14 +12,13 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
-
-use crate::config::{Address, AuthMode, Cidr, Config, Master};
-use crate::discovery::{self, Api, kubeconfig, persist};
-use crate::haproxy::{self, output, stat};
-use crate::inputs::{CheckAuth, Credential, Inputs, Secret, Verify};
-use crate::masters::Sources;
-use crate::render::{self, Paths};
+use apilb::config::{Address, Cidr, Config, Master};
+use apilb::discovery::{self, Api, kubeconfig, persist};
+use apilb::haproxy::{self, output, stat};
+use apilb::inputs::{Files, Inputs};
+use apilb::layout::Paths;
+use apilb::masters::Sources;
+use apilb::render;
 
 /// `apilb.yaml`: [`Config::parse`] on the bytes (when UTF-8) and, when the
 /// config is accepted, what is pure downstream of it: `settings_hash`, and
@@ -42,7 +41,7 @@ pub fn config(data: &[u8]) {
         config.haproxy.hard_stop_after,
     ] {
         // Durations are written into haproxy.cfg in their Display form.
-        assert_eq!(d.to_string().parse::<crate::config::Duration>().ok(), Some(d), "{d}");
+        assert_eq!(d.to_string().parse::<apilb::config::Duration>().ok(), Some(d), "{d}");
     }
     for m in &config.masters {
         // The agent reads the server lines of a running haproxy.cfg back,
@@ -50,7 +49,7 @@ pub fn config(data: &[u8]) {
         assert_eq!(m.address.to_string().parse::<Address>().as_ref(), Ok(&m.address), "{}", m.address);
     }
 
-    let inputs = model_inputs(&config);
+    let Some(inputs) = model_inputs(&config) else { return };
     let paths = Paths::from_config(&config);
     let rendered = render::render(&config, &inputs, &paths, render::Features::default());
     let again = render::render(&config, &inputs, &paths, render::Features::default());
@@ -78,12 +77,11 @@ pub fn config(data: &[u8]) {
     // specially on each line. Nothing from the config adds a line, splits
     // a word, starts a comment or opens a quote.
     let plain = plain_paths(&config);
-    let plain_rendered = render::render(
-        &plain,
-        &model_inputs(&plain),
-        &Paths::from_config(&plain),
-        render::Features::default(),
-    );
+    let Some(plain_inputs) = model_inputs(&plain) else {
+        panic!("the plain config's files are not valid:\n{plain:?}");
+    };
+    let plain_rendered =
+        render::render(&plain, &plain_inputs, &Paths::from_config(&plain), render::Features::default());
     let shape = |t: &str| -> Vec<(usize, usize)> {
         t.lines()
             .map(|l| {
@@ -102,8 +100,10 @@ pub fn config(data: &[u8]) {
     );
     // Redaction removes every part of the secrets: with other secrets of
     // the same shape, the redacted lines that hold them are identical.
-    let other =
-        render::render(&config, &model_inputs_with(&config, SECRETS[1]), &paths, render::Features::default());
+    let Some(other_inputs) = model_inputs_with(&config, SECRETS[1]) else {
+        panic!("other secrets of the same shape are not valid");
+    };
+    let other = render::render(&config, &other_inputs, &paths, render::Features::default());
     let secret_lines = |r: &render::Rendered| -> Vec<String> {
         r.redacted()
             .lines()
@@ -123,114 +123,94 @@ const SECRETS: [(&str, &str); 2] = [
     ("#T2-abcde%fghi'jklmn-opq-rstu", "#P2 abcd'efgh%"),
 ];
 
-/// What `Inputs::gather` would return for `config` if every file it names
-/// existed and were valid, without reading any: the verification and the
-/// credential that the auth mode selects, with the paths and names of the
-/// config in the same places (`source`, `Verify::Ca`) as the real ones.
-pub fn model_inputs(config: &Config) -> Inputs {
+/// What `Inputs::gather` returns for `config` when every file it names
+/// exists and is valid: the real resolver ([`Inputs::gather_with`], the
+/// same verification and credential choice per `health.auth.mode`, the
+/// config's paths and names in the same places) over files made up in
+/// memory ([`ModelFiles`]), without reading any. `None` when the config
+/// gives one path two roles no content can fill at once (the token file is
+/// also the CA, say): `apilb check` refuses those too.
+pub fn model_inputs(config: &Config) -> Option<Inputs> {
     model_inputs_with(config, SECRETS[0])
 }
 
 /// [`model_inputs`] with this bearer token and stats password.
-fn model_inputs_with(config: &Config, (token, password): (&str, &str)) -> Inputs {
-    let tls = &config.health.tls;
-    let auth = &config.health.auth;
-    let digest = |data: &str| -> String {
-        Sha256::digest(data.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+fn model_inputs_with(config: &Config, (token, password): (&str, &str)) -> Option<Inputs> {
+    let files = ModelFiles {
+        token_file: config.health.auth.token_file.as_deref(),
+        password_file: config.stats.as_ref().and_then(|s| s.auth.as_ref()).map(|a| a.password_file.as_path()),
+        token,
+        password,
     };
-    let ca = |path: &Path| {
-        let pem = format!("-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n", path.display());
-        Verify::Ca { path: path.to_owned(), digest: digest(&pem), pem }
-    };
-    let client_cert = |path: &Path| {
-        let bundle = format!("-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n", path.display());
-        Credential::ClientCert {
-            digest: digest(&bundle),
-            bundle: Secret::new(bundle),
-            cert_path: path.to_owned(),
-        }
-    };
-    let bearer = |path: &Path| Credential::Bearer { token: Secret::new(token), path: path.to_owned() };
-    let explicit = || match &tls.ca_file {
-        Some(p) => ca(p),
-        None => Verify::Insecure,
-    };
-    let fixed = |verify: Verify, credential: Credential, source: String| CheckAuth {
-        verify,
-        credential,
-        bootstrap: false,
-        source,
-        notes: Vec::new(),
-    };
-    let empty = PathBuf::new();
-    let check = match auth.mode {
-        AuthMode::None => fixed(explicit(), Credential::Anonymous, "none".into()),
-        AuthMode::Bearer => {
-            let path = auth.token_file.as_ref().unwrap_or(&empty);
-            fixed(explicit(), bearer(path), format!("token file {}", path.display()))
-        }
-        AuthMode::ClientCert => {
-            let path = auth.cert_file.as_ref().unwrap_or(&empty);
-            fixed(explicit(), client_cert(path), format!("certificate {}", path.display()))
-        }
-        AuthMode::Auto => {
-            let configured = match &tls.ca_file {
-                Some(p) => Some(ca(p)),
-                None if tls.insecure_skip_verify => Some(Verify::Insecure),
-                None => None,
-            };
-            let found = if let Some(c) = &auth.cert_file {
-                Some((client_cert(c), format!("certificate {}", c.display()), None))
-            } else if let Some(t) = &auth.token_file {
-                Some((bearer(t), format!("token file {}", t.display()), None))
-            } else {
-                auth.well_known.first().map(|wk| {
-                    (
-                        client_cert(&wk.cert_file),
-                        format!("{} ({})", wk.name, wk.cert_file.display()),
-                        wk.ca_file.as_deref().map(ca),
-                    )
-                })
-            };
-            let bootstrap = |verify| CheckAuth {
-                verify,
-                credential: Credential::Anonymous,
-                bootstrap: true,
-                source: "no usable credential yet".into(),
-                notes: Vec::new(),
-            };
-            match found {
-                Some((credential, source, paired)) => match configured.or(paired) {
-                    Some(verify) => fixed(verify, credential, source),
-                    None => bootstrap(Verify::BootstrapNoCa),
-                },
-                None => bootstrap(configured.unwrap_or(Verify::BootstrapNoCa)),
-            }
-        }
-    };
-    let stats_password = config.stats.as_ref().and_then(|s| s.auth.as_ref()).map(|_| Secret::new(password));
-    Inputs { check, stats_password, run_as: None }
+    Inputs::gather_with(config, &files).ok()
 }
 
-/// `config` with every path and free-text name replaced by a plain word.
+/// The files of a config as [`model_inputs`] makes them up: every path
+/// exists; the token file holds the token, the stats password file the
+/// password (the token when both are one file), and any other file a PEM
+/// certificate followed by a PEM key, whose base64 is derived from its
+/// path (so each file has its own digest).
+struct ModelFiles<'a> {
+    /// `health.auth.token_file`.
+    token_file: Option<&'a Path>,
+    /// `stats.auth.password_file`.
+    password_file: Option<&'a Path>,
+    /// What the token file holds.
+    token: &'a str,
+    /// What the password file holds.
+    password: &'a str,
+}
+
+impl Files for ModelFiles<'_> {
+    fn read(&self, path: &Path) -> std::io::Result<Vec<u8>> {
+        if self.token_file == Some(path) {
+            return Ok(self.token.as_bytes().to_vec());
+        }
+        if self.password_file == Some(path) {
+            return Ok(self.password.as_bytes().to_vec());
+        }
+        // 64 hex digits are valid base64 (48 bytes, no padding).
+        let b64 = apilb::digest::sha256_hex(path.as_os_str().as_encoded_bytes());
+        Ok(format!(
+            "-----BEGIN CERTIFICATE-----\n{b64}\n-----END CERTIFICATE-----\n\
+             -----BEGIN PRIVATE KEY-----\n{b64}\n-----END PRIVATE KEY-----\n"
+        )
+        .into_bytes())
+    }
+
+    fn exists(&self, _: &Path) -> bool {
+        true
+    }
+}
+
+/// `config` with every path and free-text name replaced by a plain word:
+/// one per role, so [`model_inputs`] fills every file (the stats password
+/// file, which haproxy.cfg never names, gets its own word too, unless it is
+/// the token file).
 fn plain_paths(config: &Config) -> Config {
     let mut c = config.clone();
-    let plain = |p: &mut Option<PathBuf>| {
+    let token_file = c.health.auth.token_file.clone();
+    let plain = |p: &mut Option<PathBuf>, word: &str| {
         if p.is_some() {
-            *p = Some(PathBuf::from("/p"));
+            *p = Some(PathBuf::from(word));
         }
     };
     c.haproxy.runtime_dir = "/r".into();
     c.haproxy.state_dir = "/s".into();
-    plain(&mut c.health.tls.ca_file);
-    plain(&mut c.health.auth.token_file);
-    plain(&mut c.health.auth.cert_file);
-    plain(&mut c.health.auth.key_file);
+    plain(&mut c.health.tls.ca_file, "/p");
+    plain(&mut c.health.auth.token_file, "/t");
+    plain(&mut c.health.auth.cert_file, "/c");
+    plain(&mut c.health.auth.key_file, "/k");
     for wk in &mut c.health.auth.well_known {
         wk.name = "n".into();
         wk.cert_file = "/p".into();
-        plain(&mut wk.key_file);
-        plain(&mut wk.ca_file);
+        plain(&mut wk.key_file, "/k");
+        plain(&mut wk.ca_file, "/p");
+    }
+    if let Some(auth) = c.stats.as_mut().and_then(|s| s.auth.as_mut()) {
+        // One file for both stays one file: the password is then the token.
+        auth.password_file =
+            if token_file.as_ref() == Some(&auth.password_file) { "/t" } else { "/w" }.into();
     }
     c
 }
@@ -277,12 +257,10 @@ fn redacting_render() -> &'static render::Rendered {
                     health: {tls: {insecure_skip_verify: true}, auth: {mode: bearer, token_file: /t}}\n\
                     stats: {auth: {user: u, password_file: /p}}\n";
         let config = Config::parse(yaml, "fuzz").unwrap_or_else(|e| panic!("{e}"));
-        render::render(
-            &config,
-            &model_inputs(&config),
-            &Paths::from_config(&config),
-            render::Features::default(),
-        )
+        let Some(inputs) = model_inputs(&config) else {
+            panic!("the redacting config's files are not valid")
+        };
+        render::render(&config, &inputs, &Paths::from_config(&config), render::Features::default())
     })
 }
 
@@ -375,9 +353,9 @@ fn check_discovered(objects: &BTreeMap<String, serde_json::Value>) {
         for cidrs in [&[][..], &allowed[..]] {
             let (found, _refused) = discovery::ready_addresses(objects.values(), api, cidrs);
             // The set discovery would use breaks no rule.
-            let settings = crate::config::KubernetesDiscovery {
+            let settings = apilb::config::KubernetesDiscovery {
                 kubeconfig: None,
-                via: crate::config::Via::Local,
+                via: apilb::config::Via::Local,
                 allowed_cidrs: cidrs.to_vec(),
                 max_masters: 4,
             };
@@ -386,7 +364,7 @@ fn check_discovered(objects: &BTreeMap<String, serde_json::Value>) {
             {
                 assert!(!addresses.is_empty() && addresses.len() <= 4, "{addresses:?}");
                 for a in &addresses {
-                    if let crate::config::Host::Ip(ip) = a.host {
+                    if let apilb::config::Host::Ip(ip) = a.host {
                         let ip = ip.to_canonical();
                         assert!(
                             !(ip.is_loopback() || ip.is_unspecified() || ip.is_multicast()),
@@ -401,7 +379,7 @@ fn check_discovered(objects: &BTreeMap<String, serde_json::Value>) {
             assert!(found.windows(2).all(|w| (w[0].host_str(), w[0].port) < (w[1].host_str(), w[1].port)));
             for a in &found {
                 assert!(a.port != 0);
-                if let crate::config::Host::Ip(ip) = a.host {
+                if let apilb::config::Host::Ip(ip) = a.host {
                     assert!(cidrs.is_empty() || cidrs.iter().any(|c| c.contains(ip)), "{a} not allowed");
                 } else {
                     panic!("discovery reported the DNS name {a}");

@@ -1,5 +1,6 @@
 //! The host side of `scripts/test-systemd` (the systemd node lab). Not part
-//! of the shipped binary: a thin user of `apilb::lab` and `apilb::testapi`.
+//! of the shipped binary: a thin user of the test kit's `lab` and
+//! `testapi`.
 //!
 //! The lab boots Debian containers with systemd-nspawn; they share this
 //! machine's network namespace, so the test API servers started here on
@@ -36,9 +37,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use apilb::lab::{Lab, LabAuth, LabOptions};
-use apilb::testapi::pool::{Pool, PoolOptions};
-use apilb::testapi::{ApiServer, Failure, Load, LoadReport, Session, Success};
+use apilb_testkit::lab::{Lab, LabAuth, LabOptions};
+use apilb_testkit::testapi::pool::{Pool, PoolOptions};
+use apilb_testkit::testapi::{ApiServer, Failure, Load, LoadReport, Session, Success};
 use clap::{Parser, Subcommand};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -122,7 +123,7 @@ impl LabInfo {
         let text = std::fs::read_to_string(dir.join("lab.json")).map_err(|e| format!("lab.json: {e}"))?;
         let info: LabInfo = serde_json::from_str(&text).map_err(|e| format!("lab.json: {e}"))?;
         let ca = std::fs::read_to_string(dir.join("ca.crt")).map_err(|e| format!("ca.crt: {e}"))?;
-        let tls = apilb::testapi::client_tls(&ca, None).map_err(|e| e.to_string())?;
+        let tls = apilb_testkit::testapi::client_tls(&ca, None).map_err(|e| e.to_string())?;
         Ok((info, tls))
     }
 }
