@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::config::{AuthMode, Config};
+use crate::config::{AuthMode, Config, HealthAuth};
 use crate::digest::sha256_hex;
 
 /// A secret value. Its `Debug` and `Display` never print the content, and
@@ -477,51 +477,7 @@ fn resolve_auto(files: &dyn Files, config: &Config) -> Result<CheckAuth, InputEr
         None => None,
     };
 
-    let mut found: Option<(Credential, String, Option<Verify>)> = None;
-    if let Some(cert) = &auth.cert_file {
-        if files.exists(cert) {
-            let cred = read_client_cert(
-                files,
-                "health.auth.cert_file",
-                cert,
-                "health.auth.key_file",
-                auth.key_file.as_deref(),
-            )?;
-            found = Some((cred, format!("certificate {}", cert.display()), None));
-        } else {
-            notes.push(format!("health.auth.cert_file {} does not exist (yet)", cert.display()));
-        }
-    }
-    if let (None, Some(tok)) = (&found, &auth.token_file) {
-        if files.exists(tok) {
-            let token = read_token(files, "health.auth.token_file", tok)?;
-            let cred = Credential::Bearer { token, path: tok.clone() };
-            found = Some((cred, format!("token file {}", tok.display()), None));
-        } else {
-            notes.push(format!("health.auth.token_file {} does not exist (yet)", tok.display()));
-        }
-    }
-    if found.is_none() {
-        for (i, wk) in auth.well_known.iter().enumerate() {
-            if !files.exists(&wk.cert_file) {
-                continue;
-            }
-            let field = format!("health.auth.well_known[{i}]");
-            let cred = read_client_cert(
-                files,
-                &format!("{field}.cert_file"),
-                &wk.cert_file,
-                &format!("{field}.key_file"),
-                wk.key_file.as_deref(),
-            )?;
-            let ca = match &wk.ca_file {
-                Some(ca) if files.exists(ca) => Some(read_ca(files, &format!("{field}.ca_file"), ca)?),
-                _ => None,
-            };
-            found = Some((cred, format!("{} ({})", wk.name, wk.cert_file.display()), ca));
-            break;
-        }
-    }
+    let found = find_credential(files, auth, &mut notes)?;
 
     match found {
         Some((credential, source, paired_ca)) => match configured_ca.or(paired_ca) {
@@ -547,6 +503,71 @@ fn resolve_auto(files: &dyn Files, config: &Config) -> Result<CheckAuth, InputEr
             Ok(bootstrap(verify, notes))
         }
     }
+}
+
+/// A credential found in `auto` mode: it, where it came from (in words),
+/// and the CA of the well-known entry that provided it.
+type Found = (Credential, String, Option<Verify>);
+
+/// The configured client certificate, else the token, else the first
+/// well-known credential that exists; notes what is configured but missing.
+fn find_credential(
+    files: &dyn Files,
+    auth: &HealthAuth,
+    notes: &mut Vec<String>,
+) -> Result<Option<Found>, InputError> {
+    let mut found: Option<Found> = None;
+    if let Some(cert) = &auth.cert_file {
+        if files.exists(cert) {
+            let cred = read_client_cert(
+                files,
+                "health.auth.cert_file",
+                cert,
+                "health.auth.key_file",
+                auth.key_file.as_deref(),
+            )?;
+            found = Some((cred, format!("certificate {}", cert.display()), None));
+        } else {
+            notes.push(format!("health.auth.cert_file {} does not exist (yet)", cert.display()));
+        }
+    }
+    if let (None, Some(tok)) = (&found, &auth.token_file) {
+        if files.exists(tok) {
+            let token = read_token(files, "health.auth.token_file", tok)?;
+            let cred = Credential::Bearer { token, path: tok.clone() };
+            found = Some((cred, format!("token file {}", tok.display()), None));
+        } else {
+            notes.push(format!("health.auth.token_file {} does not exist (yet)", tok.display()));
+        }
+    }
+    if found.is_none() {
+        found = well_known_credential(files, auth)?;
+    }
+    Ok(found)
+}
+
+/// The first well-known credential whose certificate exists, with its CA
+/// when that exists too.
+fn well_known_credential(files: &dyn Files, auth: &HealthAuth) -> Result<Option<Found>, InputError> {
+    for (i, wk) in auth.well_known.iter().enumerate() {
+        if !files.exists(&wk.cert_file) {
+            continue;
+        }
+        let field = format!("health.auth.well_known[{i}]");
+        let cred = read_client_cert(
+            files,
+            &format!("{field}.cert_file"),
+            &wk.cert_file,
+            &format!("{field}.key_file"),
+            wk.key_file.as_deref(),
+        )?;
+        let ca = match &wk.ca_file {
+            Some(ca) if files.exists(ca) => Some(read_ca(files, &format!("{field}.ca_file"), ca)?),
+            _ => None,
+        };
+        return Ok(Some((cred, format!("{} ({})", wk.name, wk.cert_file.display()), ca)));
+    }
+    Ok(None)
 }
 
 fn first_existing_ca(files: &dyn Files, config: &Config) -> Result<Option<Verify>, InputError> {

@@ -323,7 +323,7 @@ impl Lab {
 
     /// Kills the HAProxy master the lab's agent runs, if any (cleanup).
     pub fn kill_haproxy(&self) {
-        let pidfile = self.path("run/haproxy.pid");
+        let pidfile = apilb::layout::Paths::under(self.dir.path()).pidfile();
         if let Ok(pid) = std::fs::read_to_string(pidfile)
             && let Ok(pid) = pid.trim().parse::<i32>()
         {
