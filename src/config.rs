@@ -489,7 +489,7 @@ impl Config {
             }
         }
         let longest =
-            self.haproxy.runtime_dir.as_os_str().len() + crate::layout::Paths::master_socket_name_len();
+            self.haproxy.runtime_dir.as_os_str().len() + crate::layout::Paths::longest_socket_name_len();
         if longest > MAX_UNIX_SOCKET_PATH {
             p.add(
                 "haproxy.runtime_dir",

@@ -67,12 +67,11 @@ impl Paths {
     pub fn stats_socket(&self) -> PathBuf {
         self.runtime_dir.join(STATS_SOCKET)
     }
-    /// The length of `/master.sock`, which the config's check adds to the
-    /// runtime directory to keep socket paths within `sun_path`. (The stats
-    /// socket's name is one byte longer and not counted by that check; kept
-    /// as it was, this move changes no behaviour.)
-    pub fn master_socket_name_len() -> usize {
-        MASTER_SOCKET.len() + 1
+    /// The length of the longest `/<socket>` name in the runtime
+    /// directory (the stats socket's), which the config's check adds to
+    /// the runtime directory to keep every socket path within `sun_path`.
+    pub fn longest_socket_name_len() -> usize {
+        MASTER_SOCKET.len().max(STATS_SOCKET.len()) + 1
     }
     /// The master's pidfile (`-p`).
     pub fn pidfile(&self) -> PathBuf {
@@ -177,7 +176,7 @@ mod tests {
                 "/run/apilb/check-client-*.pem",
             ]
         );
-        assert_eq!(Paths::master_socket_name_len(), "/master.sock".len());
+        assert_eq!(Paths::longest_socket_name_len(), "/haproxy.sock".len());
         assert!(Paths::is_check_file("check-ca-0123456789abcdef.pem"));
         assert!(Paths::is_client_bundle("check-client-0123456789abcdef.pem"));
         assert!(!Paths::is_client_bundle("check-ca-0123456789abcdef.pem"));

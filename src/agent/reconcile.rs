@@ -508,7 +508,8 @@ mod tests {
             self.note("save state".into());
             if self.state_fails {
                 let source = std::io::Error::from_raw_os_error(libc::ENOSPC);
-                return Err(SupervisorError::File { path: "servers.state".into(), source });
+                let path = self.paths.as_ref().expect("paths").server_state_file();
+                return Err(SupervisorError::File { path, source });
             }
             Ok(())
         }

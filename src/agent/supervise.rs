@@ -8,6 +8,7 @@ use nix::sys::signal::Signal;
 use tokio::time::{Instant, sleep};
 
 use super::plane::DataPlane;
+use crate::backoff::Backoff;
 use crate::config::Master;
 use crate::haproxy::output::Output;
 use crate::haproxy::runtime::{self, RuntimeError};
@@ -19,56 +20,43 @@ use crate::haproxy::{Binary, BinaryError, Version};
 use crate::layout::Paths;
 use crate::render::{CheckPlan, Features, Redactor, Rendered};
 
-/// Delays between attempts to restart a dead HAProxy: the first at once.
-const RESPAWN_BACKOFF: [Duration; 8] = [
-    Duration::ZERO,
-    Duration::from_millis(100),
-    Duration::from_millis(250),
-    Duration::from_millis(500),
-    Duration::from_secs(1),
-    Duration::from_secs(2),
-    Duration::from_secs(5),
-    Duration::from_secs(10),
-];
-
-/// How long HAProxy must run before the backoff starts from zero again.
-const STABLE_AFTER: Duration = Duration::from_secs(30);
-
 /// When to try restarting a dead HAProxy: the decision alone, so it is
-/// unit-tested under paused time.
-#[derive(Debug, Default)]
+/// unit-tested under paused time. The delays are [`Backoff::respawn`]'s.
+#[derive(Debug)]
 pub(super) struct Respawn {
-    /// Attempts since HAProxy last ran stably; indexes the backoff.
-    attempt: usize,
+    /// The schedule: at once, then slower while HAProxy keeps dying; from
+    /// zero again once it ran stably.
+    backoff: Backoff,
     /// When the next attempt is due, while HAProxy is down.
     pub(super) at: Option<Instant>,
 }
 
-impl Respawn {
-    fn delay(&self) -> Duration {
-        RESPAWN_BACKOFF[self.attempt.min(RESPAWN_BACKOFF.len() - 1)]
+impl Default for Respawn {
+    fn default() -> Self {
+        Respawn { backoff: Backoff::respawn(), at: None }
     }
+}
 
+impl Respawn {
     /// HAProxy died after running for `ran`: schedules the first attempt
     /// (at once, unless it keeps dying) and returns its delay.
     pub(super) fn died(&mut self, ran: Duration) -> Duration {
-        if ran >= STABLE_AFTER {
-            self.attempt = 0;
-        }
-        let delay = self.delay();
-        self.at = Some(Instant::now() + delay);
-        delay
+        self.backoff.reset_if_stable(ran);
+        self.schedule()
     }
 
     /// An attempt starts now.
     pub(super) fn attempting(&mut self) {
         self.at = None;
-        self.attempt += 1;
     }
 
     /// The attempt failed: schedules the next one and returns its delay.
     pub(super) fn failed(&mut self) -> Duration {
-        let delay = self.delay();
+        self.schedule()
+    }
+
+    fn schedule(&mut self) -> Duration {
+        let delay = self.backoff.next_delay();
         self.at = Some(Instant::now() + delay);
         delay
     }
@@ -308,7 +296,7 @@ mod tests {
         assert_eq!(r.died(Duration::from_secs(29)), Duration::from_secs(10));
         // Ran stably before dying: at once again.
         tokio::time::advance(Duration::from_secs(31)).await;
-        assert_eq!(r.died(STABLE_AFTER), Duration::ZERO);
+        assert_eq!(r.died(Duration::from_secs(30)), Duration::ZERO);
         assert_eq!(r.at, Some(Instant::now()));
     }
 }

@@ -399,6 +399,17 @@ fn haproxy_settings() {
         &format!("masters: [10.0.0.1:6443]\nhaproxy: {{runtime_dir: {long}}}\n"),
         "is too long: unix socket paths inside it would exceed 107 bytes",
     );
+    // The longest socket is haproxy.sock: a directory that leaves room for
+    // master.sock but not for it is refused.
+    let edge = format!("/{}", "d".repeat(107 - "/haproxy.sock".len()));
+    err_has(
+        &format!("masters: [10.0.0.1:6443]\nhaproxy: {{runtime_dir: {edge}}}\n"),
+        "is too long: unix socket paths inside it would exceed 107 bytes",
+    );
+    let fits = format!("/{}", "d".repeat(106 - "/haproxy.sock".len()));
+    assert!(
+        Config::parse(&format!("masters: [10.0.0.1:6443]\nhaproxy: {{runtime_dir: {fits}}}\n"), "t").is_ok()
+    );
     err_has("masters: [10.0.0.1:6443]\nhaproxy: {maxconn: 0}\n", "haproxy.maxconn: 0 is out of range");
 }
 
