@@ -375,6 +375,12 @@ fn read_password(files: &dyn Files, path: &Path) -> Result<Secret, InputError> {
     Ok(Secret::new(pw))
 }
 
+/// The client certificate `cert` that `health.auth` configures, with its
+/// key file when one is set.
+fn read_configured_cert(files: &dyn Files, auth: &HealthAuth, cert: &Path) -> Result<Credential, InputError> {
+    read_client_cert(files, "health.auth.cert_file", cert, "health.auth.key_file", auth.key_file.as_deref())
+}
+
 /// Reads a client certificate and its key (from `key` or from the cert
 /// file itself) and returns the bundle HAProxy's `crt` expects.
 fn read_client_cert(
@@ -443,13 +449,7 @@ fn resolve_check(files: &dyn Files, config: &Config) -> Result<CheckAuth, InputE
         }
         AuthMode::ClientCert => {
             let cert = auth.cert_file.as_deref().unwrap_or(Path::new(""));
-            let cred = read_client_cert(
-                files,
-                "health.auth.cert_file",
-                cert,
-                "health.auth.key_file",
-                auth.key_file.as_deref(),
-            )?;
+            let cred = read_configured_cert(files, auth, cert)?;
             Ok(fixed(explicit_verify()?, cred, format!("certificate {}", cert.display())))
         }
         AuthMode::Auto => resolve_auto(files, config),
@@ -519,13 +519,7 @@ fn find_credential(
     let mut found: Option<Found> = None;
     if let Some(cert) = &auth.cert_file {
         if files.exists(cert) {
-            let cred = read_client_cert(
-                files,
-                "health.auth.cert_file",
-                cert,
-                "health.auth.key_file",
-                auth.key_file.as_deref(),
-            )?;
+            let cred = read_configured_cert(files, auth, cert)?;
             found = Some((cred, format!("certificate {}", cert.display()), None));
         } else {
             notes.push(format!("health.auth.cert_file {} does not exist (yet)", cert.display()));

@@ -422,16 +422,9 @@ mod tests {
     use super::*;
     use crate::inputs::CheckAuth;
 
-    /// Found by fuzzing (the `config` target's redaction check): a bearer
-    /// token may hold `'` (read_token accepts it), which haproxy.cfg writes
-    /// as `'\''`; everything after it survived redaction.
-    #[test]
-    fn a_token_with_a_quote_is_redacted_whole() {
-        let yaml = "masters: [10.0.0.1:6443]\n\
-                    health: {tls: {insecure_skip_verify: true}, auth: {mode: bearer, token_file: /t}}\n";
-        let config = Config::parse(yaml, "test").unwrap_or_else(|e| panic!("{e}"));
-        let token = "abc%def'ghijklmnop";
-        let inputs = Inputs {
+    /// Unverified bearer-token checks with `token` (from `/t`).
+    fn bearer_inputs(token: &str) -> Inputs {
+        Inputs {
             check: CheckAuth {
                 verify: Verify::Insecure,
                 credential: Credential::Bearer { token: Secret::new(token), path: "/t".into() },
@@ -441,7 +434,18 @@ mod tests {
             },
             stats_password: None,
             run_as: None,
-        };
+        }
+    }
+
+    /// Found by fuzzing (the `config` target's redaction check): a bearer
+    /// token may hold `'` (read_token accepts it), which haproxy.cfg writes
+    /// as `'\''`; everything after it survived redaction.
+    #[test]
+    fn a_token_with_a_quote_is_redacted_whole() {
+        let yaml = "masters: [10.0.0.1:6443]\n\
+                    health: {tls: {insecure_skip_verify: true}, auth: {mode: bearer, token_file: /t}}\n";
+        let config = Config::parse(yaml, "test").unwrap_or_else(|e| panic!("{e}"));
+        let inputs = bearer_inputs("abc%def'ghijklmnop");
         let rendered = render(&config, &inputs, &Paths::from_config(&config), Features::default());
         assert!(rendered.text.expose().contains("hdr Authorization 'Bearer abc%%def'\\''ghijklmnop'"));
         let redacted = rendered.redacted();
@@ -457,18 +461,7 @@ mod tests {
                     health: {tls: {insecure_skip_verify: true}, auth: {mode: bearer, token_file: /t}}\n";
         let config = Config::parse(yaml, "test").unwrap_or_else(|e| panic!("{e}"));
         let with = |token: &str| {
-            let inputs = Inputs {
-                check: CheckAuth {
-                    verify: Verify::Insecure,
-                    credential: Credential::Bearer { token: Secret::new(token), path: "/t".into() },
-                    bootstrap: false,
-                    source: "token file /t".into(),
-                    notes: Vec::new(),
-                },
-                stats_password: None,
-                run_as: None,
-            };
-            render(&config, &inputs, &Paths::from_config(&config), Features::default())
+            render(&config, &bearer_inputs(token), &Paths::from_config(&config), Features::default())
         };
         let (a, b) = (with("guess-one-123"), with("guess-two-456"));
         assert_eq!(a.hash, b.hash);
