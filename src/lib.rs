@@ -7,6 +7,7 @@
 //! `haproxy -c`, then run it). See ARCHITECTURE.md.
 
 pub mod agent;
+pub mod check;
 pub mod config;
 pub mod demo;
 pub mod discovery;

@@ -184,6 +184,13 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
         .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()))
 }
 
+/// The TLS client configuration HAProxy's check uses (same CA, same
+/// client certificate; server verification as configured), for other
+/// checkers in apilb ([`crate::check`]).
+pub fn check_client_config(inputs: &Inputs) -> Result<Arc<rustls::ClientConfig>, String> {
+    client_config(inputs).map(|(config, _)| config)
+}
+
 /// The TLS client the check uses: same CA, same client certificate.
 fn client_config(inputs: &Inputs) -> Result<(Arc<rustls::ClientConfig>, Arc<Recorder>), String> {
     let provider = provider();
