@@ -328,10 +328,13 @@ async fn measure(
 pub async fn bench(sizes: Sizes) -> Value {
     println!(
         "## checkload: what {} nodes checking once a second cost the server (issue 15)\n\n\
-         Server: etcd (Go crypto/tls, client-certificate auth, P-256), endpoint /health. \
+         Server: etcd (Go crypto/tls, client-certificate auth, P-256), endpoints {}. \
          CPU = utime+stime of etcd over {:?} windows, minus its idle CPU; {} round(s), setups interleaved. \
          Per node = per check at 1 check/s. Cores per API server = per node × nodes (1 check/s each).\n",
-        sizes.nodes, sizes.window, sizes.rounds
+        sizes.nodes,
+        sizes.paths.join(" and "),
+        sizes.window,
+        sizes.rounds
     );
     match bench_inner(sizes).await {
         Ok(v) => v,
