@@ -61,6 +61,11 @@ fn version() -> String {
 impl Hap {
     /// `agent` adds `agent-check` towards that port to m1.
     async fn start(agent: Option<u16>) -> Hap {
+        Hap::start_with(agent, &format!("inter {INTER} fastinter {FASTINTER} downinter {DOWNINTER}")).await
+    }
+
+    /// With the backstop's `timing` (inter, fastinter, downinter).
+    async fn start_with(agent: Option<u16>, timing: &str) -> Hap {
         let lab = Lab::start(LabOptions { masters: 2, ..LabOptions::default() }).await.expect("lab");
         let d = lab.dir.path().to_owned();
         std::fs::write(d.join("bundle.pem"), format!("{}{}", lab.node_cert.cert_pem, lab.node_cert.key_pem))
@@ -68,8 +73,7 @@ impl Hap {
         let sock = d.join("hap.sock");
         let params = format!(
             "check check-ssl verify required ca-file {d}/ca.crt check-sni kubernetes crt {d}/bundle.pem \
-             inter {INTER} fastinter {FASTINTER} downinter {DOWNINTER} rise 2 fall 2 \
-             on-marked-down shutdown-sessions",
+             {timing} rise 2 fall 2 on-marked-down shutdown-sessions",
             d = d.display()
         );
         let agent_params = |name: &str| match agent {
@@ -322,4 +326,67 @@ async fn agent_check_down_outlives_the_agent() {
     );
     assert!(closed, "shutdown-sessions fires for an agent mark-down");
     assert!(after.starts_with("DOWN"), "the agent's down outlives the agent: {after}");
+}
+
+#[tokio::test]
+async fn kept_connection_checker_plus_runtime_api_at_one_second() {
+    // The proposed design end to end, at the issue's timings: the checker
+    // (interval 1s, timeout 1s, fall 1, rise 2) on m1, its verdict changes
+    // pushed with `set server … health`, HAProxy's own check as a backstop
+    // every 10 s.
+    use apilb::check::{Checker, Settings, Target, client_config, push};
+    let hap = Hap::start_with(None, "inter 10s fastinter 1s downinter 10s").await;
+    let (config, inputs) = apilb::load_parts(&hap.lab.config_path()).expect("config");
+    let settings = Settings { fall: 1, rise: 2, ..Settings::from_config(&config, &inputs) };
+    let target = Target { name: "m1".into(), address: hap.lab.servers[0].addr().to_string() };
+    let checker = Checker::spawn(target, std::sync::Arc::new(settings), client_config(&inputs).expect("tls"))
+        .expect("checker");
+    let mut rx = checker.watch();
+    let sock = hap.sock.clone();
+    let pusher = tokio::spawn(async move {
+        while rx.changed().await.is_ok() {
+            let verdict = rx.borrow_and_update().verdict.clone();
+            if let Err(e) = push::apply(&sock, "masters", "m1", &verdict).await {
+                eprintln!("push: {e}");
+            }
+        }
+    });
+    let mut up = checker.watch();
+    let _ = tokio::time::timeout(Duration::from_secs(5), up.wait_for(|r| r.verdict.is_up())).await;
+    let server = &hap.lab.servers[0];
+    let mut rows = Vec::new();
+    for (what, fail, heal) in [("readyz 503", 0, 0), ("hang", 1, 1), ("crash", 2, 2)] {
+        // Start at a random point of the check cycle.
+        tokio::time::sleep(Duration::from_millis(1000 + 137 * what.len() as u64 % 1000)).await;
+        let mut session = hap.session_on("master-1").await;
+        match fail {
+            0 => server.set_readyz(503),
+            1 => server.hang(),
+            _ => server.crash(),
+        }
+        let down = hap.wait_status("m1", "DOWN", Duration::from_secs(5)).await;
+        let closed = session.wait_closed(Duration::from_secs(1)).await;
+        match heal {
+            0 => server.set_readyz(200),
+            1 => server.resume(),
+            _ => server.restart().await.expect("restart"),
+        }
+        let back = hap.wait_status("m1", "UP", Duration::from_secs(5)).await;
+        rows.push(format!(
+            "{what}: DOWN after {down:.2?} (session closed: {closed}), UP {back:.2?} after recovery"
+        ));
+        let limit = if fail == 1 { Duration::from_millis(2200) } else { Duration::from_millis(1500) };
+        assert!(down <= limit, "{what}: {down:?}");
+    }
+    println!(
+        "RESULT {}: checker 1s/1s fall 1 rise 2 + runtime API, backstop inter 10s: {}",
+        version(),
+        rows.join("; ")
+    );
+    let r = checker.report();
+    println!(
+        "RESULT checker: {} checks, {} TLS handshakes, {} connection attempts",
+        r.checks, r.handshakes, r.connects
+    );
+    pusher.abort();
 }

@@ -41,8 +41,11 @@
 //!
 //! Verdict changes are published on a [`tokio::sync::watch`] channel
 //! ([`Checker::spawn`]); the counters in [`Report`] are updated in place
-//! without waking watchers.
+//! without waking watchers. [`push`] applies a verdict to HAProxy through
+//! the runtime API (`set server … health up|down`), HAProxy's own check
+//! staying on as a slow backstop.
 
+pub mod push;
 mod tls;
 
 #[cfg(test)]

@@ -168,3 +168,32 @@ fn phases_spread_over_the_interval() {
         assert!((50..=150).contains(&n), "decile {decile}: {n}");
     }
 }
+
+#[tokio::test]
+async fn with_fall_1_a_hang_is_down_within_interval_plus_timeout() {
+    // The kept connection's proposed setting: a timeout on a connection
+    // that answered an interval ago, a 503 or a refused connection is
+    // believed at once (a stale connection is already retried fresh).
+    let (lab, s, tls) = setup(LabAuth::ClientCert).await;
+    let s = Arc::new(Settings { fall: 1, ..(*s).clone() });
+    let c = start(&lab, &s, &tls);
+    until(&c, Duration::from_secs(3), Verdict::is_up).await;
+    lab.servers[0].hang();
+    let took = until(&c, Duration::from_secs(3), Verdict::is_down).await;
+    let bound = INTERVAL + TIMEOUT + Duration::from_millis(100);
+    assert!(took < bound, "{took:?} > {bound:?}");
+}
+
+#[test]
+fn verdicts_become_runtime_commands() {
+    use super::push::command;
+    assert_eq!(
+        command("masters", "m1", &Verdict::Up { code: 200 }).as_deref(),
+        Some("set server masters/m1 health up")
+    );
+    assert_eq!(
+        command("masters", "m1", &Verdict::Down(Failure::Status(503))).as_deref(),
+        Some("set server masters/m1 health down")
+    );
+    assert_eq!(command("masters", "m1", &Verdict::Unknown), None);
+}
