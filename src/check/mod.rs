@@ -423,16 +423,21 @@ impl Loop {
             // A kept connection closing early pulls the next check forward,
             // but never sooner than fastinter after this one.
             let early = (started + s.fastinter).max(Instant::now());
-            match self.conn.as_mut() {
-                Some(conn) => {
-                    tokio::select! {
-                        () = tokio::time::sleep_until(next) => {}
-                        _ = &mut conn.closed => {
-                            tokio::time::sleep_until(early.min(next)).await;
-                        }
-                    }
+            let closed = match self.conn.as_mut() {
+                Some(conn) => tokio::select! {
+                    () = tokio::time::sleep_until(next) => false,
+                    _ = &mut conn.closed => true,
+                },
+                None => {
+                    tokio::time::sleep_until(next).await;
+                    false
                 }
-                None => tokio::time::sleep_until(next).await,
+            };
+            if closed {
+                // Gone: the next check connects afresh (and the spent
+                // receiver is never polled again).
+                self.conn = None;
+                tokio::time::sleep_until(early.min(next)).await;
             }
         }
     }

@@ -73,7 +73,7 @@ async fn a_503_is_down_then_recovery_is_up() {
     lab.servers[0].set_readyz(503);
     // fall 2: at most one interval and one fastinter (plus the answers).
     let took = until(&c, Duration::from_secs(3), |v| *v == Verdict::Down(Failure::Status(503))).await;
-    assert!(took < INTERVAL + s.fastinter + Duration::from_millis(150), "{took:?}");
+    assert!(took < INTERVAL + s.fastinter + Duration::from_millis(400), "{took:?}");
     assert_eq!(c.report().verdict.code(), Some(503));
     lab.servers[0].set_readyz(200);
     until(&c, Duration::from_secs(3), Verdict::is_up).await;
@@ -89,7 +89,7 @@ async fn a_hang_is_down_within_the_timeout() {
     let took = until(&c, Duration::from_secs(5), Verdict::is_down).await;
     assert!(matches!(c.report().verdict, Verdict::Down(Failure::Timeout(_))), "{:?}", c.report());
     // fall 2: interval + timeout + fastinter + timeout, plus slack.
-    let bound = INTERVAL + TIMEOUT + s.fastinter + TIMEOUT + Duration::from_millis(200);
+    let bound = INTERVAL + TIMEOUT + s.fastinter + TIMEOUT + Duration::from_millis(400);
     assert!(took < bound, "{took:?} > {bound:?}");
     lab.servers[0].resume();
     until(&c, Duration::from_secs(5), Verdict::is_up).await;
@@ -121,7 +121,7 @@ async fn a_crash_is_down_at_once_and_the_restart_is_up() {
     // fastinter apart, not an interval.
     let took = until(&c, Duration::from_secs(3), Verdict::is_down).await;
     assert!(matches!(c.report().verdict, Verdict::Down(Failure::Connect(_))), "{:?}", c.report());
-    assert!(took < s.fastinter * 2 + Duration::from_millis(150), "{took:?}");
+    assert!(took < s.fastinter * 2 + Duration::from_millis(400), "{took:?}");
     lab.servers[0].restart().await.expect("restart");
     until(&c, Duration::from_secs(3), Verdict::is_up).await;
 }
@@ -180,7 +180,7 @@ async fn with_fall_1_a_hang_is_down_within_interval_plus_timeout() {
     until(&c, Duration::from_secs(3), Verdict::is_up).await;
     lab.servers[0].hang();
     let took = until(&c, Duration::from_secs(3), Verdict::is_down).await;
-    let bound = INTERVAL + TIMEOUT + Duration::from_millis(100);
+    let bound = INTERVAL + TIMEOUT + Duration::from_millis(300);
     assert!(took < bound, "{took:?} > {bound:?}");
 }
 
