@@ -9,8 +9,10 @@
 //! Sections: failover (crash, hang, readyz 503, blackhole; apilb against
 //! the baseline of seed 004), reload (disruption over many changes),
 //! overhead (latency and throughput against direct and nginx), footprint
-//! (idle CPU and memory with 3 and 100 masters), and apilb-only ones:
-//! render, discovery, restart.
+//! (idle CPU and memory with 3 and 100 masters), apilb-only ones:
+//! render, discovery, restart, and checkload (what a fleet's health checks
+//! cost the API server: HAProxy's checks against the persistent checker,
+//! on a real etcd; needs `etcd`).
 //!
 //! `cargo test --all-targets` runs this binary without `--bench`: a smoke
 //! test of about ten seconds (3 reloads, one tiny overhead round) that
@@ -22,6 +24,7 @@
 
 use std::time::{Duration, Instant};
 
+mod checkload;
 mod clients;
 mod failover;
 mod footprint;
@@ -195,7 +198,8 @@ async fn bench_restart() {
 }
 
 /// The sections, in the order they run.
-const SECTIONS: [&str; 7] = ["render", "failover", "reload", "overhead", "footprint", "discovery", "restart"];
+const SECTIONS: [&str; 8] =
+    ["render", "failover", "reload", "overhead", "footprint", "discovery", "restart", "checkload"];
 
 /// The command line: section names, `--quick`, `--json PATH`.
 struct Args {
@@ -338,6 +342,17 @@ fn main() {
         }
         if wanted("restart") {
             bench_restart().await;
+        }
+        if wanted("checkload") {
+            let sizes = checkload::Sizes {
+                nodes: 200,
+                processes: 4,
+                warmup: Duration::from_secs(if q { 3 } else { 5 }),
+                window: Duration::from_secs(if q { 20 } else { 60 }),
+                rounds: if q { 1 } else { 2 },
+                paths: &["/health", "/version"],
+            };
+            rep.set("checkload", checkload::bench(sizes).await);
         }
     };
     rt.block_on(async {

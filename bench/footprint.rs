@@ -13,8 +13,9 @@ use crate::report::table;
 
 /// CPU time (user + system) and resident memory of a process.
 #[derive(Clone, Copy, Debug, Default)]
-struct Usage {
-    cpu: Duration,
+pub struct Usage {
+    /// utime + stime.
+    pub cpu: Duration,
     rss_kib: u64,
     peak_rss_kib: u64,
 }
@@ -25,7 +26,8 @@ fn clock_ticks() -> u64 {
     if t > 0 { t as u64 } else { 100 }
 }
 
-fn usage(pid: u32) -> Option<Usage> {
+/// CPU and memory of `pid` from /proc (all its threads).
+pub fn usage(pid: u32) -> Option<Usage> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let (_, rest) = stat.rsplit_once(')')?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -60,7 +62,7 @@ pub fn haproxy_pss_kib(master: u32) -> u64 {
 }
 
 /// A HAProxy master and its workers, summed.
-fn haproxy_usage(master: u32) -> Usage {
+pub fn haproxy_usage(master: u32) -> Usage {
     let mut total = Usage::default();
     for pid in std::iter::once(master).chain(children_of(master)) {
         if let Some(u) = usage(pid) {

@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod backoff;
+pub mod check;
 pub mod config;
 pub mod digest;
 pub mod discovery;

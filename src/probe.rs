@@ -115,6 +115,13 @@ pub fn cert_info(der: &[u8]) -> Option<CertInfo> {
     })
 }
 
+/// The TLS client configuration HAProxy's check uses (same CA, same
+/// client certificate; server verification as configured), for apilb's
+/// own checker ([`crate::check`]).
+pub fn check_client_config(inputs: &Inputs) -> Result<Arc<rustls::ClientConfig>, String> {
+    client_config(inputs).map(|(config, _)| config)
+}
+
 /// The TLS client the check uses: same CA, same client certificate. The
 /// verifier records the server's certificate, verified or not.
 fn client_config(inputs: &Inputs) -> Result<(Arc<rustls::ClientConfig>, Arc<RecordingVerifier>), String> {

@@ -173,6 +173,23 @@ impl CheckPlan {
     }
 }
 
+impl CheckPlan {
+    /// The same check as a slow **backstop** (issue 15): apilb's
+    /// persistent checker ([`crate::check`]) decides and pushes its verdict
+    /// with `set server … health`, and HAProxy's own check runs every
+    /// `interval` (also while a master is down) to take a failing master
+    /// out and bring it back when no agent is left to do it
+    /// (tests/verdict_path.rs). `fastinter` stays short (1s, or the
+    /// interval if shorter) so a backstop transition is confirmed quickly.
+    /// Not used by [`render`] yet: the agent must run the checker first.
+    pub fn with_backstop(mut self, interval: crate::config::Duration, rise: u32, fall: u32) -> Self {
+        let fast = crate::config::Duration::from_millis(interval.as_millis().min(1000));
+        self.timing =
+            format!("inter {interval} fastinter {fast} downinter {interval} rise {rise} fall {fall}");
+        self
+    }
+}
+
 /// The parameters of a master's checked `server` line (everything after the
 /// address). The runtime API's `add server` must use exactly this.
 pub fn server_params(plan: &CheckPlan, master: &Master) -> String {
@@ -451,6 +468,32 @@ mod tests {
         let redacted = rendered.redacted();
         assert!(redacted.contains("hdr Authorization 'Bearer <redacted>'"), "{redacted}");
         assert!(!redacted.contains("ghijklmnop"), "{redacted}");
+    }
+
+    #[test]
+    fn a_backstop_plan_changes_only_the_timing() {
+        let config = Config::parse(
+            "masters: [10.0.0.1:6443]\nhealth: {tls: {insecure_skip_verify: true}, auth: {mode: none}}\n",
+            "test",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let inputs = Inputs::gather(&config).unwrap_or_else(|e| panic!("{e}"));
+        let paths = Paths::from_config(&config);
+        let plan = CheckPlan::new(&config, &inputs, &paths, Features::default());
+        let today = server_params(&plan, &config.masters[0]);
+        let backstop = server_params(
+            &plan.with_backstop(crate::config::Duration::from_millis(10_000), 2, 2),
+            &config.masters[0],
+        );
+        assert!(today.contains("inter 1s fastinter 250ms rise 2 fall 2"), "{today}");
+        assert_eq!(
+            backstop,
+            today.replace(
+                "inter 1s fastinter 250ms rise 2 fall 2",
+                "inter 10s fastinter 1s downinter 10s rise 2 fall 2"
+            )
+        );
+        assert!(backstop.contains("on-marked-down shutdown-sessions"), "{backstop}");
     }
 
     /// The hash that status and metrics show cannot test a guessed token:
