@@ -399,6 +399,15 @@ impl Config {
         if self.health.expect_status.is_empty() {
             p.add("health.expect_status", "needs at least one status code, e.g. [200]");
         }
+        if self.health.backstop_interval.as_millis() < self.health.interval.as_millis() {
+            p.add(
+                "health.backstop_interval",
+                format!(
+                    "{} is shorter than health.interval ({}); the backstop checks less often than the checker",
+                    self.health.backstop_interval, self.health.interval
+                ),
+            );
+        }
     }
 
     /// Durations, counts and limits within their ranges.
@@ -884,6 +893,39 @@ pub struct Health {
     pub tls: HealthTls,
     /// Which credential the check presents.
     pub auth: HealthAuth,
+    /// Who decides a master's health: HAProxy's own TLS check (a new
+    /// handshake per check), or apilb's persistent checker (one kept-alive
+    /// connection per master, a request per check: a quarter to a half of
+    /// the API server's CPU; docs/health-checks.md, "Fleet scale").
+    pub checker: Checker,
+    /// With `checker: persistent`, how often HAProxy's own check still
+    /// runs, as a backstop that takes failing masters out (and brings them
+    /// back) while the agent is down. Its handshakes are what the fleet
+    /// still pays: every 30s adds a thirtieth of a per-second check.
+    pub backstop_interval: Duration,
+}
+
+/// Who decides a master's health (`health.checker`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Checker {
+    /// HAProxy's check: a new TLS connection per check, every `interval`.
+    #[default]
+    Haproxy,
+    /// apilb's checker on a kept-alive connection per master, its verdict
+    /// pushed to HAProxy through the runtime API; HAProxy's check runs
+    /// every `backstop_interval` as a backstop.
+    Persistent,
+}
+
+impl Checker {
+    /// As written in apilb.yaml.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Checker::Haproxy => "haproxy",
+            Checker::Persistent => "persistent",
+        }
+    }
 }
 
 impl Default for Health {
@@ -897,6 +939,8 @@ impl Default for Health {
             expect_status: vec![200],
             tls: HealthTls::default(),
             auth: HealthAuth::default(),
+            checker: Checker::Haproxy,
+            backstop_interval: Duration::from_millis(30_000),
         }
     }
 }

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use askama::Template;
 
-use crate::config::{Balance, Config, Master};
+use crate::config::{Balance, Checker, Config, Master};
 use crate::digest::sha256_hex;
 use crate::inputs::{Credential, Inputs, Secret, Verify};
 use crate::layout::Paths;
@@ -168,9 +168,26 @@ impl CheckPlan {
             h.fall
         );
         let on_marked_down =
-            if features.shutdown_sessions_on_mark_down { " on-marked-down shutdown-sessions" } else { "" };
-        CheckPlan { tls, crt, timing, on_marked_down }
+            if haproxy_closes_sessions(config, features) { " on-marked-down shutdown-sessions" } else { "" };
+        let plan = CheckPlan { tls, crt, timing, on_marked_down };
+        match h.checker {
+            Checker::Haproxy => plan,
+            Checker::Persistent => plan.with_backstop(h.backstop_interval, h.rise, h.fall),
+        }
     }
+}
+
+/// True when HAProxy's own `on-marked-down shutdown-sessions` closes a
+/// failed master's established sessions; otherwise the agent does it:
+/// - on HAProxy 3.0, where that shutdown can freeze connections
+///   ([`Features::shutdown_sessions_on_mark_down`]);
+/// - with the persistent checker, whose mark-down of a crashed master comes
+///   milliseconds after the crash, while HAProxy may still be redispatching
+///   a connection to it (the shutdown would cut that one); the agent closes
+///   the sessions of a master that answers badly or hangs, and leaves a
+///   crashed one's (already dead) alone.
+pub fn haproxy_closes_sessions(config: &Config, features: Features) -> bool {
+    features.shutdown_sessions_on_mark_down && config.health.checker == Checker::Haproxy
 }
 
 impl CheckPlan {
@@ -181,7 +198,7 @@ impl CheckPlan {
     /// out and bring it back when no agent is left to do it
     /// (tests/verdict_path.rs). `fastinter` stays short (1s, or the
     /// interval if shorter) so a backstop transition is confirmed quickly.
-    /// Not used by [`render`] yet: the agent must run the checker first.
+    /// Rendered with `health.checker: persistent`.
     pub fn with_backstop(mut self, interval: crate::config::Duration, rise: u32, fall: u32) -> Self {
         let fast = crate::config::Duration::from_millis(interval.as_millis().min(1000));
         self.timing =

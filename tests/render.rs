@@ -132,10 +132,11 @@ fn every_master_has_a_checked_line_and_a_fail_open_twin() {
             assert!(text.contains(&checked), "{}: no checked line for {}", case.name, m.name);
             assert!(text.contains(&twin), "{}: no fallback for {}", case.name, m.name);
         }
-        // On 3.0 the agent closes a failed master's sessions instead.
+        // On 3.0, and with the persistent checker, the agent closes a
+        // failed master's sessions instead.
         assert_eq!(
             text.contains("on-marked-down shutdown-sessions"),
-            case.rendered.features.shutdown_sessions_on_mark_down,
+            apilb::render::haproxy_closes_sessions(&case.config, case.rendered.features),
             "{}",
             case.name
         );
