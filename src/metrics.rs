@@ -25,6 +25,19 @@ pub struct Metrics {
     pub master_check_status: IntGaugeVec,
     /// HTTP status of the last check (0 when there was none).
     pub master_check_http_code: IntGaugeVec,
+    /// One-hot: the persistent checker's verdict on the master (up, down,
+    /// unknown); absent with `health.checker: haproxy`.
+    pub checker_verdict: IntGaugeVec,
+    /// Checks the persistent checker sent: its request rate on the API
+    /// servers.
+    pub checker_checks_total: IntCounterVec,
+    /// TLS handshakes the persistent checker made: far fewer than checks
+    /// while connections are kept (what saves the API server's CPU).
+    pub checker_tls_handshakes_total: IntCounterVec,
+    /// Latency of the persistent checker's last answered check.
+    pub checker_latency_seconds: GaugeVec,
+    /// Verdicts that could not be pushed to HAProxy (runtime API errors).
+    pub checker_push_errors_total: IntCounter,
     /// Duration of the last check.
     pub master_check_duration_seconds: GaugeVec,
     /// Current connections through the checked server.
@@ -194,6 +207,30 @@ impl Metrics {
                 "apilb_master_check_http_code",
                 "HTTP status of the master's last check; 0 when the check got no HTTP answer.",
                 &["master"],
+            ),
+            checker_verdict: d.gauge_vec(
+                "apilb_checker_verdict",
+                "1 for the persistent checker's verdict on the master (up, down, unknown).",
+                &["master", "verdict"],
+            ),
+            checker_checks_total: d.counter_vec(
+                "apilb_checker_checks_total",
+                "Checks the persistent checker sent to the master.",
+                &["master"],
+            ),
+            checker_tls_handshakes_total: d.counter_vec(
+                "apilb_checker_tls_handshakes_total",
+                "TLS handshakes the persistent checker made with the master (one per kept connection).",
+                &["master"],
+            ),
+            checker_latency_seconds: d.float_vec(
+                "apilb_checker_latency_seconds",
+                "Latency of the persistent checker's last answered check of the master.",
+                &["master"],
+            ),
+            checker_push_errors_total: d.counter(
+                "apilb_checker_push_errors_total",
+                "Verdicts of the persistent checker that HAProxy's runtime API did not take.",
             ),
             master_check_duration_seconds: d.float_vec(
                 "apilb_master_check_duration_seconds",
@@ -433,8 +470,22 @@ impl Metrics {
             let _ = self.master_state.remove_label_values(&[master, s.as_str()]);
         }
         let _ = self.master_check_duration_seconds.remove_label_values(&[master]);
+        self.forget_checker(master);
         let _ = self.master_last_transition_timestamp_seconds.remove_label_values(&[master]);
         self.last_raw.lock().unwrap_or_else(|e| e.into_inner()).values.retain(|(m, _, _), _| m != master);
+    }
+}
+
+impl Metrics {
+    /// Removes the persistent checker's series of a master (it left the
+    /// set, or the checker was turned off).
+    pub fn forget_checker(&self, master: &str) {
+        for v in ["up", "down", "unknown"] {
+            let _ = self.checker_verdict.remove_label_values(&[master, v]);
+        }
+        let _ = self.checker_checks_total.remove_label_values(&[master]);
+        let _ = self.checker_tls_handshakes_total.remove_label_values(&[master]);
+        let _ = self.checker_latency_seconds.remove_label_values(&[master]);
     }
 }
 

@@ -203,6 +203,7 @@ impl Agent {
     /// Records the config in effect, and keeps what discovery taught for
     /// the next start.
     pub(super) fn config_in_effect(&mut self) {
+        self.sync_checks();
         let applied = &self.reconciler.applied;
         self.observer.config_in_effect(applied, &self.sources);
         let masters = &applied.loaded.config.masters;

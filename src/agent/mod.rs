@@ -33,6 +33,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior, interval, sleep};
 
+mod checks;
 mod diff;
 mod masters;
 mod observe;
@@ -40,6 +41,7 @@ mod plane;
 mod reconcile;
 mod supervise;
 
+use checks::Checks;
 use masters::effective;
 use observe::Observer;
 use reconcile::{Applied, FileError, Outcome, Reconciler, Running, Step};
@@ -220,6 +222,8 @@ struct Agent {
     discovery_rx: Option<mpsc::Receiver<discovery::Update>>,
     /// The last discovery problem logged, so it is logged once.
     last_discovery_problem: Option<String>,
+    /// The persistent checker's checkers (`health.checker: persistent`).
+    checks: Checks,
     /// Masters HAProxy reports marked DOWN, as (backend, server), the
     /// moment it prints so: where HAProxy cannot be trusted to close their
     /// sessions ([`crate::render::Features::shutdown_sessions_on_mark_down`]),
@@ -269,6 +273,7 @@ pub async fn start(opts: Options) -> Result<Handle, AgentError> {
         discovery: None,
         discovery_rx: None,
         last_discovery_problem: None,
+        checks: Checks::new(),
         opts,
     };
     agent.first_steps(after).await;
@@ -503,10 +508,11 @@ impl Agent {
             tokio::select! {
                 (backend, server) = next(self.marked_down.as_mut()) => {
                     if backend == crate::render::BACKEND {
-                        self.supervisor.close_sessions_of(&server).await;
+                        self.close_sessions_of(&server).await;
                     }
                 }
                 update = next(self.discovery_rx.as_mut()) => self.on_discovery(update).await,
+                (name, verdict) = self.checks.next() => self.on_verdict(&name, verdict).await,
                 c = control.recv() => match c.unwrap_or(Control::Shutdown) {
                     Control::Reload => self.reload_now().await,
                     Control::Handover => return self.handover(),
@@ -621,11 +627,13 @@ impl Agent {
                 // A mark-down whose event was missed (the agent was
                 // restarting, or the event queue full).
                 for name in observe::down_with_sessions(&stats, &self.reconciler.applied.loaded.config) {
-                    self.supervisor.close_sessions_of(&name).await;
+                    self.close_sessions_of(&name).await;
                 }
+                self.reassert_verdicts(&stats).await;
             }
             Err(e) => self.observer.stats_unreadable(&e),
         }
+        self.observer.checker_reports(&self.checks.reports());
         self.observer.publish();
     }
 
@@ -641,6 +649,9 @@ impl Agent {
             Ok(pid) => {
                 tracing::info!(pid, "HAProxy restarted");
                 self.observer.haproxy_restarted();
+                // Its server states come from the last reload's file: tell
+                // it what the checker knows now.
+                self.push_all_verdicts().await;
                 self.poll().await;
             }
             Err((e, delay)) => tracing::error!(error = %e, retry_in = ?delay, "cannot restart HAProxy"),

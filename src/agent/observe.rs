@@ -37,6 +37,9 @@ pub(super) struct Observer {
     /// The last refusal reported, so one that repeats every second is
     /// logged once.
     last_error: Option<String>,
+    /// Each checker's counts (checks, handshakes) at the last poll, to add
+    /// only what is new to the monotonic counters.
+    checker_counts: HashMap<String, (u64, u64)>,
 }
 
 impl Observer {
@@ -57,6 +60,7 @@ impl Observer {
             states: HashMap::new(),
             check_statuses: HashMap::new(),
             last_error: None,
+            checker_counts: HashMap::new(),
         }
     }
 
@@ -362,6 +366,34 @@ impl Observer {
             row.check_status,
             row.check_desc,
         );
+    }
+
+    /// The persistent checker's verdicts and counters, as series.
+    pub(super) fn checker_reports(&mut self, reports: &[crate::check::Report]) {
+        for r in reports {
+            let name = r.name.as_str();
+            let verdict = match r.verdict {
+                crate::check::Verdict::Up { .. } => "up",
+                crate::check::Verdict::Down(_) => "down",
+                crate::check::Verdict::Unknown => "unknown",
+            };
+            for v in ["up", "down", "unknown"] {
+                self.metrics.checker_verdict.with_label_values(&[name, v]).set(i64::from(v == verdict));
+            }
+            // A restarted checker counts from zero: its counts are new.
+            let (checks, handshakes) =
+                self.checker_counts.insert(r.name.clone(), (r.checks, r.handshakes)).unwrap_or((0, 0));
+            let delta = |now: u64, before: u64| if now >= before { now - before } else { now };
+            self.metrics.checker_checks_total.with_label_values(&[name]).inc_by(delta(r.checks, checks));
+            self.metrics
+                .checker_tls_handshakes_total
+                .with_label_values(&[name])
+                .inc_by(delta(r.handshakes, handshakes));
+            if let Some(Ok((_, latency))) = &r.last {
+                self.metrics.checker_latency_seconds.with_label_values(&[name]).set(latency.as_secs_f64());
+            }
+        }
+        self.checker_counts.retain(|name, _| reports.iter().any(|r| &r.name == name));
     }
 
     /// Sends the status to watchers and systemd when it changed.

@@ -9,6 +9,8 @@ use tokio::time::{Instant, sleep};
 
 use super::plane::DataPlane;
 use crate::backoff::Backoff;
+use crate::check::Verdict;
+use crate::check::push::PushError;
 use crate::config::Master;
 use crate::haproxy::output::Output;
 use crate::haproxy::runtime::{self, RuntimeError};
@@ -18,7 +20,7 @@ use crate::haproxy::supervisor::{
 };
 use crate::haproxy::{Binary, BinaryError, Version};
 use crate::layout::Paths;
-use crate::render::{CheckPlan, Features, Redactor, Rendered};
+use crate::render::{BACKEND, CheckPlan, Features, Redactor, Rendered};
 
 /// When to try restarting a dead HAProxy: the decision alone, so it is
 /// unit-tested under paused time. The delays are [`Backoff::respawn`]'s.
@@ -188,14 +190,11 @@ impl Supervisor {
         Some(tokio::join!(h.show_proc_within(limit), h.show_stat_within(limit)))
     }
 
-    /// Closes the established sessions of a master marked DOWN where
+    /// Closes the established sessions of a master marked DOWN, for when
     /// HAProxy's own `on-marked-down shutdown-sessions` is not rendered
-    /// (HAProxy 3.0, see [`Features`]). Their clients reconnect at once,
-    /// to healthy masters.
+    /// ([`crate::render::haproxy_closes_sessions`]). Their clients
+    /// reconnect at once, to healthy masters.
     pub(super) async fn close_sessions_of(&self, name: &str) {
-        if self.features().shutdown_sessions_on_mark_down {
-            return;
-        }
         let Some(h) = &self.haproxy else { return };
         match runtime::close_established(h, name).await {
             Ok(0) => {}
@@ -204,6 +203,16 @@ impl Supervisor {
             }
             Err(e) => tracing::warn!(master = name, "cannot close the sessions of a master marked DOWN: {e}"),
         }
+    }
+
+    /// Applies the persistent checker's verdict on `name` (`set server …
+    /// health up|down`); nothing while no master runs (the next one is
+    /// told when it starts).
+    pub(super) async fn set_health(&self, name: &str, verdict: &Verdict) -> Result<(), PushError> {
+        if self.haproxy.is_none() {
+            return Ok(());
+        }
+        crate::check::push::apply(&self.paths.stats_socket(), BACKEND, name, verdict).await
     }
 
     fn running(&self) -> Result<&Haproxy, RuntimeError> {
