@@ -68,11 +68,14 @@ pub struct HealthSettings {
     pub rise: u32,
     /// `health.fall`.
     pub fall: u32,
+    /// More `health:` keys, each line indented by two spaces (e.g.
+    /// `  checker: persistent\n`).
+    pub extra: String,
 }
 
 impl Default for HealthSettings {
     fn default() -> Self {
-        HealthSettings { interval: "1s".into(), timeout: "1s".into(), rise: 2, fall: 2 }
+        HealthSettings { interval: "1s".into(), timeout: "1s".into(), rise: 2, fall: 2, extra: String::new() }
     }
 }
 
@@ -296,7 +299,7 @@ impl Lab {
             "# apilb lab configuration (generated)\n\
              listen: \"{listen}\"\n\
              masters:\n{masters}\
-             health:\n  interval: {interval}\n  timeout: {timeout}\n  rise: {rise}\n  fall: {fall}\n\
+             health:\n  interval: {interval}\n  timeout: {timeout}\n  rise: {rise}\n  fall: {fall}\n{health_extra}\
              \x20 tls: {{ca_file: {d}/ca.crt, server_name: kubernetes}}\n\
              \x20 auth: {auth}\n\
              metrics:\n  listen: \"{metrics}\"\n\
@@ -307,6 +310,7 @@ impl Lab {
             timeout = h.timeout,
             rise = h.rise,
             fall = h.fall,
+            health_extra = h.extra,
             metrics = self.metrics,
         )
     }
