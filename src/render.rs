@@ -172,7 +172,10 @@ impl CheckPlan {
         let plan = CheckPlan { tls, crt, timing, on_marked_down };
         match h.checker {
             Checker::Haproxy => plan,
-            Checker::Persistent => plan.with_backstop(h.backstop_interval, h.rise, h.fall),
+            // At least two failed backstop checks: with the agent alive, a
+            // single failed handshake would otherwise keep a master the
+            // checker holds UP out for a whole backstop interval or two.
+            Checker::Persistent => plan.with_backstop(h.backstop_interval, h.rise, h.fall.max(2)),
         }
     }
 }

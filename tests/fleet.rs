@@ -77,7 +77,7 @@ async fn a_503_is_out_within_one_and_a_half_seconds_over_kept_connections() {
     // The render: HAProxy's check is the backstop, and the agent closes
     // sessions (HAProxy's shutdown-sessions would race redispatches).
     let cfg = std::fs::read_to_string(layout(&env.lab).config_file()).expect("haproxy.cfg");
-    assert!(cfg.contains("inter 30s fastinter 1s downinter 30s rise 2 fall 1"), "{cfg}");
+    assert!(cfg.contains("inter 30s fastinter 1s downinter 30s rise 2 fall 2"), "{cfg}");
     assert!(!cfg.contains("on-marked-down shutdown-sessions"), "{cfg}");
 
     let mut held = session_on(&env, "master-2").await;
@@ -170,10 +170,11 @@ async fn without_the_agent_the_backstop_takes_a_failing_master_out_and_back() {
     let backstop_up = Duration::from_secs(2) + Duration::from_secs(1) + SLACK * 2;
     let up = wait_state(&env, "master-2", "UP", backstop_up * 2).await;
     assert!(up - t <= backstop_up, "back after {:?} with the agent dead", up - t);
-    // Fails with no agent: the backstop (inter 2s, fall 1) takes it out.
+    // Fails with no agent: the backstop (inter 2s, then fall 2 checks 1s
+    // apart) takes it out.
     env.lab.servers[2].set_readyz(503);
     let t2 = Instant::now();
-    let backstop_down = Duration::from_secs(2) + SLACK * 2;
+    let backstop_down = Duration::from_secs(2) + Duration::from_secs(1) + SLACK * 2;
     let down = wait_state(&env, "master-3", "DOWN", backstop_down * 2).await;
     assert!(down - t2 <= backstop_down, "out after {:?} with the agent dead", down - t2);
     env.lab.servers[2].set_readyz(200);
