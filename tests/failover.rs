@@ -11,7 +11,7 @@ mod support;
 use std::time::Duration;
 
 use apilb_testkit::lab::LabOptions;
-use apilb_testkit::testapi::{Load, LoadReport, Session};
+use apilb_testkit::testapi::Session;
 use support::*;
 use tokio::time::Instant;
 
@@ -48,25 +48,10 @@ async fn env_up() -> Env {
     env
 }
 
-/// Waits until HAProxy reports `server` in state `want`; returns when.
-async fn wait_state(env: &Env, server: &str, want: &str, limit: Duration) -> Instant {
-    let what = format!("{server} {want}");
-    wait_haproxy(env, limit, &what, |s| s.iter().any(|x| x.name == server && x.state().as_str() == want))
-        .await
-}
-
-fn load(env: &Env) -> Load {
-    Load::start(env.lab.listen, env.lab.client_tls().unwrap(), Some(env.lab.token.clone()), 4)
-}
-
-fn describe(r: &LoadReport) -> String {
-    format!("{} ok, {} failed: {:?}", r.ok, r.failed, r.errors)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_master_fails_no_new_connection() {
     let env = env_up().await;
-    let clients = load(&env);
+    let clients = client_load(&env);
     tokio::time::sleep(Duration::from_millis(500)).await;
     // crash() closes the listener and every connection before it returns:
     // from then on the master is dead. Attempts that began during the call
@@ -118,7 +103,7 @@ async fn a_crashed_master_fails_no_new_connection() {
 async fn a_hung_master_is_marked_down_within_the_bound_and_its_sessions_closed() {
     let env = env_up().await;
     let mut held = session_on(&env, "master-2").await;
-    let clients = load(&env);
+    let clients = client_load(&env);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let hung = Instant::now();
     env.lab.servers[1].hang();
@@ -157,7 +142,7 @@ async fn a_hung_master_is_marked_down_within_the_bound_and_its_sessions_closed()
 async fn a_master_failing_readyz_leaves_rotation_and_its_sessions_are_closed() {
     let env = env_up().await;
     let mut held = session_on(&env, "master-2").await;
-    let clients = load(&env);
+    let clients = client_load(&env);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let failing = Instant::now();
     env.lab.servers[1].set_readyz(503);
@@ -195,7 +180,7 @@ async fn when_every_check_fails_traffic_fails_open_and_readyz_says_degraded() {
         wait_state(&env, name, "DOWN", down_bound() + SLACK * 3).await;
     }
     let all_down = Instant::now();
-    let clients = load(&env);
+    let clients = client_load(&env);
     let mut held =
         Session::connect(env.lab.listen, env.lab.client_tls().unwrap(), Some(&env.lab.token)).await.unwrap();
     held.served_by().await.expect("a new connection reaches a master through the fail-open path");
@@ -228,7 +213,7 @@ async fn a_recovered_master_returns_to_rotation_after_rise_checks() {
     let env = env_up().await;
     env.lab.servers[1].crash();
     wait_state(&env, "master-2", "DOWN", down_bound() + SLACK * 3).await;
-    let clients = load(&env);
+    let clients = client_load(&env);
     let restarted = Instant::now();
     env.lab.servers[1].restart().await.unwrap();
     let up = wait_state(&env, "master-2", "UP", up_bound() + SLACK * 3).await;

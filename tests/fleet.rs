@@ -14,7 +14,6 @@ mod support;
 use std::time::Duration;
 
 use apilb_testkit::lab::LabOptions;
-use apilb_testkit::testapi::{Load, LoadReport};
 use support::*;
 use tokio::time::Instant;
 
@@ -47,20 +46,6 @@ async fn env_up(backstop: &str) -> Env {
     })
     .await;
     env
-}
-
-async fn wait_state(env: &Env, server: &str, want: &str, limit: Duration) -> Instant {
-    let what = format!("{server} {want}");
-    wait_haproxy(env, limit, &what, |s| s.iter().any(|x| x.name == server && x.state().as_str() == want))
-        .await
-}
-
-fn load(env: &Env) -> Load {
-    Load::start(env.lab.listen, env.lab.client_tls().unwrap(), Some(env.lab.token.clone()), 4)
-}
-
-fn describe(r: &LoadReport) -> String {
-    format!("{} ok, {} failed: {:?}", r.ok, r.failed, r.errors)
 }
 
 /// The value of a metric series from the agent's `/metrics`.
@@ -111,7 +96,7 @@ async fn a_503_is_out_within_one_and_a_half_seconds_over_kept_connections() {
 async fn a_hung_master_is_out_within_two_seconds_and_its_sessions_closed() {
     let env = env_up("30s").await;
     let mut held = session_on(&env, "master-2").await;
-    let clients = load(&env);
+    let clients = client_load(&env);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let hung = Instant::now();
     env.lab.servers[1].hang();
@@ -130,7 +115,7 @@ async fn a_hung_master_is_out_within_two_seconds_and_its_sessions_closed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_master_fails_no_new_connection() {
     let env = env_up("30s").await;
-    let clients = load(&env);
+    let clients = client_load(&env);
     tokio::time::sleep(Duration::from_millis(500)).await;
     env.lab.servers[1].crash();
     let crashed = Instant::now();

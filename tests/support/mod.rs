@@ -323,3 +323,26 @@ impl Drop for AgentProcess {
         let _ = self.child.wait();
     }
 }
+
+/// Waits until HAProxy reports `server` in state `want`; returns when.
+pub async fn wait_state(env: &Env, server: &str, want: &str, limit: Duration) -> tokio::time::Instant {
+    let what = format!("{server} {want}");
+    wait_haproxy(env, limit, &what, |s| s.iter().any(|x| x.name == server && x.state().as_str() == want))
+        .await
+}
+
+/// Four clients opening connections through the load balancer
+/// continuously.
+pub fn client_load(env: &Env) -> apilb_testkit::testapi::Load {
+    apilb_testkit::testapi::Load::start(
+        env.lab.listen,
+        env.lab.client_tls().unwrap(),
+        Some(env.lab.token.clone()),
+        4,
+    )
+}
+
+/// A load report in one line.
+pub fn describe(r: &apilb_testkit::testapi::LoadReport) -> String {
+    format!("{} ok, {} failed: {:?}", r.ok, r.failed, r.errors)
+}
