@@ -223,3 +223,63 @@ impl super::Agent {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::Paths;
+    use crate::render::Features;
+
+    fn loaded(extra: &str, masters: &str) -> Loaded {
+        let yaml = format!(
+            "masters: [{masters}]\nhealth:\n  tls:\n    insecure_skip_verify: true\n  auth:\n    mode: none\n{extra}"
+        );
+        let config = crate::config::Config::parse(&yaml, "test").expect("config parses");
+        let inputs = crate::inputs::Inputs::gather(&config).expect("inputs");
+        let paths = Paths::from_config(&config);
+        crate::assemble(config, inputs, &paths, Features::default())
+    }
+
+    fn names(c: &Checks) -> Vec<String> {
+        let mut v: Vec<String> = c.running.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Checkers follow the masters in effect: started for new ones,
+    /// stopped for gone or moved ones, all restarted when the settings
+    /// change, none with HAProxy's checker. (They check 127.0.0.1 ports
+    /// nobody listens on; only which run is looked at.)
+    #[tokio::test]
+    async fn checkers_follow_the_masters_and_settings_in_effect() {
+        let on = "  checker: persistent\n";
+        let mut c = Checks::new();
+        assert!(c.sync(&loaded("", "127.0.0.1:9")).expect("sync").is_empty());
+        assert!(!c.active() && c.running.is_empty(), "off with checker: haproxy");
+
+        let two = loaded(on, "127.0.0.1:9, 127.0.0.2:9");
+        assert!(c.sync(&two).expect("sync").is_empty());
+        assert!(c.active());
+        assert_eq!(names(&c), ["127.0.0.1", "127.0.0.2"]);
+        // The same config again: nothing restarts.
+        assert!(c.sync(&two).expect("sync").is_empty());
+
+        // One leaves, one joins: only those change.
+        let moved = loaded(on, "127.0.0.1:9, 127.0.0.3:9");
+        assert_eq!(c.sync(&moved).expect("sync"), ["127.0.0.2"]);
+        assert_eq!(names(&c), ["127.0.0.1", "127.0.0.3"]);
+
+        // A new check setting: every checker restarts (none reported
+        // stopped, since each runs again).
+        let slower = loaded(&format!("{on}  interval: 2s\n"), "127.0.0.1:9, 127.0.0.3:9");
+        assert!(c.sync(&slower).expect("sync").is_empty());
+        assert_eq!(names(&c), ["127.0.0.1", "127.0.0.3"]);
+        assert_eq!(c.shared.as_ref().map(|(s, _)| s.interval), Some(std::time::Duration::from_secs(2)));
+
+        // Back to HAProxy's check: all stop.
+        let mut stopped = c.sync(&loaded("", "127.0.0.1:9")).expect("sync");
+        stopped.sort();
+        assert_eq!(stopped, ["127.0.0.1", "127.0.0.3"]);
+        assert!(!c.active() && c.running.is_empty());
+    }
+}
