@@ -26,26 +26,37 @@ const UP: Duration = Duration::from_millis(1250);
 /// Scheduling noise allowed on top of each bound (a loaded 2-core CI box).
 const SLACK: Duration = Duration::from_millis(1000);
 
-/// Three masters, all UP, checked by apilb's persistent checker with
+/// A lab of three masters configured for the persistent checker, with
 /// HAProxy's check every `backstop`.
-async fn env_up(backstop: &str) -> Env {
+async fn lab_env(backstop: &str) -> Env {
     let mut env = Env::new(LabOptions::default()).await;
     env.lab.health.fall = 1;
     env.lab.health.extra = format!("  checker: persistent\n  backstop_interval: {backstop}\n");
     env.lab.write_config(&env.lab.config_yaml("")).expect("config");
+    env
+}
+
+/// Three masters, all up by the persistent checker of an agent in this
+/// process.
+async fn env_up(backstop: &str) -> Env {
+    let mut env = lab_env(backstop).await;
     env.start_agent().await;
-    // HAProxy's first backstop check may be a whole backstop interval
-    // away: wait for the checker's verdicts instead.
-    let n = env.lab.servers.len();
+    let addr = env.agent().metrics_addr();
+    wait_checker_up(addr, env.lab.servers.len()).await;
+    env
+}
+
+/// Waits for the checker's verdicts (HAProxy's first backstop check may be
+/// a whole backstop interval away).
+async fn wait_checker_up(metrics: std::net::SocketAddr, n: usize) {
     eventually(Duration::from_secs(15), "every master up by apilb's check", || async {
-        let (_, text) = http_get(env.agent().metrics_addr(), "/metrics").await;
+        let (_, text) = http_get(metrics, "/metrics").await;
         text.lines()
             .filter(|l| l.starts_with("apilb_checker_verdict{") && l.contains("verdict=\"up\"} 1"))
             .count()
             == n
     })
     .await;
-    env
 }
 
 /// The value of a metric series from the agent's `/metrics`.
@@ -136,27 +147,29 @@ async fn a_crashed_master_fails_no_new_connection() {
     );
 }
 
-/// The agent is killed (its task aborted, HAProxy untouched, like SIGKILL)
-/// and not restarted: HAProxy's backstop check takes a failing master out
-/// and brings it back, including one the agent had marked down before it
-/// died (no server stays stuck down).
+/// The agent is SIGKILLed and not restarted: HAProxy's backstop check
+/// takes a failing master out and brings it back, including one the agent
+/// had marked down before it died (no server stays stuck down).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_agent_the_backstop_takes_a_failing_master_out_and_back() {
-    let env = env_up("2s").await;
+    let env = lab_env("2s").await;
+    let mut agent = AgentProcess::spawn(&env.lab, "killed", &[]);
+    agent.wait_ready(&env.lab).await;
+    wait_checker_up(env.lab.metrics, env.lab.servers.len()).await;
     // Marked down by the agent, which then dies.
     env.lab.servers[1].set_readyz(503);
     wait_state(&env, "master-2", "DOWN", DOWN_503 + SLACK * 3).await;
-    env.agent().abort();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    // Recovers with no agent: the backstop (downinter 2s, rise 2) brings it
-    // back.
+    agent.signal(nix::sys::signal::Signal::SIGKILL);
+    agent.wait_exit(Duration::from_secs(5)).expect("apilb died");
+    // Recovers with no agent: the backstop (downinter 2s, rise 2, fastinter
+    // 1s) brings it back.
     env.lab.servers[1].set_readyz(200);
     let t = Instant::now();
     let backstop_up = Duration::from_secs(2) + Duration::from_secs(1) + SLACK * 2;
     let up = wait_state(&env, "master-2", "UP", backstop_up * 2).await;
     assert!(up - t <= backstop_up, "back after {:?} with the agent dead", up - t);
     // Fails with no agent: the backstop (inter 2s, then fall 2 checks 1s
-    // apart) takes it out.
+    // apart) takes it out, and back when it recovers.
     env.lab.servers[2].set_readyz(503);
     let t2 = Instant::now();
     let backstop_down = Duration::from_secs(2) + Duration::from_secs(1) + SLACK * 2;
@@ -165,9 +178,11 @@ async fn without_the_agent_the_backstop_takes_a_failing_master_out_and_back() {
     env.lab.servers[2].set_readyz(200);
     let t3 = Instant::now();
     let up3 = wait_state(&env, "master-3", "UP", backstop_up * 2).await;
+    assert!(served_by(&env).await.is_ok(), "new connections are served without an agent");
+    env.lab.kill_haproxy();
     eprintln!(
-        "agent dead: a master it had marked down back {:?} after recovering; another out {:?} after failing, \
-         back {:?} after recovering",
+        "agent SIGKILLed: a master it had marked down back {:?} after recovering; another out {:?} after \
+         failing, back {:?} after recovering",
         up - t,
         down - t2,
         up3 - t3
