@@ -7,12 +7,13 @@
 //!     scripts/bench --json out.json        # where the JSON goes
 //!
 //! Sections: failover (crash, hang, readyz 503, blackhole; apilb against
-//! the baseline of seed 004), reload (disruption over many changes),
+//! the baseline of seed 004, and in the first three apilb with the
+//! persistent checker too), reload (disruption over many changes),
 //! overhead (latency and throughput against direct and nginx), footprint
 //! (idle CPU and memory with 3 and 100 masters), apilb-only ones:
 //! render, discovery, restart, and checkload (what a fleet's health checks
 //! cost the API server: HAProxy's checks against the persistent checker,
-//! on a real etcd; needs `etcd`).
+//! alone and with its HAProxy backstop, on a real etcd; needs `etcd`).
 //!
 //! `cargo test --all-targets` runs this binary without `--bench`: a smoke
 //! test of about ten seconds (3 reloads, one tiny overhead round) that

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use apilb::haproxy::{cli, stat};
 use apilb::layout::Paths;
-use apilb_testkit::lab::Lab;
+use apilb_testkit::lab::{HealthSettings, Lab};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::time::Instant;
@@ -437,25 +437,49 @@ impl Drop for Nginx {
     }
 }
 
-/// The two HAProxy setups compared in the failover and reload runs.
+/// The HAProxy setups compared in the failover and reload runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LbKind {
     /// apilb's agent and config.
     Apilb,
+    /// apilb's agent with `health.checker: persistent` (issue 15), as
+    /// docs/health-checks.md advises for 1 s detection: see
+    /// [`persistent_health`].
+    ApilbPersistent,
     /// Seed 004's hand-written config.
     Baseline,
 }
 
 impl LbKind {
-    /// Both, apilb first.
+    /// apilb (HAProxy's checks) and the baseline, apilb first: the reload
+    /// comparison.
     pub const BOTH: [LbKind; 2] = [LbKind::Apilb, LbKind::Baseline];
+
+    /// The failover comparison: apilb with HAProxy's checks, with the
+    /// persistent checker, and the baseline.
+    pub const FAILOVER: [LbKind; 3] = [LbKind::Apilb, LbKind::ApilbPersistent, LbKind::Baseline];
 
     /// Its name in tables and JSON.
     pub fn name(self) -> &'static str {
         match self {
             LbKind::Apilb => "apilb",
+            LbKind::ApilbPersistent => "apilb (persistent checker)",
             LbKind::Baseline => "baseline",
         }
+    }
+}
+
+/// The check settings of [`LbKind::ApilbPersistent`], the ones
+/// docs/health-checks.md and tests/fleet.rs use for 1 s detection:
+/// interval 1s, timeout 1s, rise 2, fall 1, the persistent checker, and
+/// HAProxy's own check as a backstop every 30 s (the default).
+pub fn persistent_health() -> HealthSettings {
+    HealthSettings {
+        interval: "1s".into(),
+        timeout: "1s".into(),
+        rise: 2,
+        fall: 1,
+        extra: "  checker: persistent\n  backstop_interval: 30s\n".into(),
     }
 }
 
@@ -469,9 +493,15 @@ pub enum Lb {
 
 impl Lb {
     /// Starts `kind` over every server of the lab; returns once all are UP.
-    pub async fn start(kind: LbKind, lab: &Lab) -> Result<Lb, String> {
+    /// For [`LbKind::ApilbPersistent`] the lab's check settings become
+    /// [`persistent_health`] (so later configs, [`Lb::change`], keep them).
+    pub async fn start(kind: LbKind, lab: &mut Lab) -> Result<Lb, String> {
         Ok(match kind {
             LbKind::Apilb => Lb::Apilb(Apilb::start(lab, "").await?),
+            LbKind::ApilbPersistent => {
+                lab.health = persistent_health();
+                Lb::Apilb(Apilb::start(lab, "").await?)
+            }
             LbKind::Baseline => Lb::Baseline(Baseline::start(lab).await?),
         })
     }

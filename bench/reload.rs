@@ -34,8 +34,8 @@ fn processes(master: Option<u32>) -> usize {
 }
 
 async fn run(kind: LbKind, sizes: Sizes) -> Result<(Value, Vec<String>), String> {
-    let lab = Lab::start(LabOptions::default()).await.map_err(|e| e.to_string())?;
-    let lb = Lb::start(kind, &lab).await?;
+    let mut lab = Lab::start(LabOptions::default()).await.map_err(|e| e.to_string())?;
+    let lb = Lb::start(kind, &mut lab).await?;
     let target = Target {
         addr: lb.addr(),
         tls: lab.client_tls().map_err(|e| e.to_string())?,
