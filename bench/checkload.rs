@@ -65,8 +65,12 @@ enum Setup {
     Seed004,
     ApilbNow,
     Persistent,
-    /// The checkers and HAProxy's backstop check, both running.
+    /// The checkers and HAProxy's backstop check every 30 s (the default),
+    /// both running.
     Backstop,
+    /// The same with the backstop every 60 s (the 5,000-node setting of
+    /// docs/health-checks.md).
+    Backstop60,
 }
 
 impl Setup {
@@ -76,6 +80,7 @@ impl Setup {
             Setup::ApilbNow => "apilb-now",
             Setup::Persistent => "persistent",
             Setup::Backstop => "persistent + backstop 30s",
+            Setup::Backstop60 => "persistent + backstop 60s",
         }
     }
     fn what(self) -> &'static str {
@@ -85,6 +90,10 @@ impl Setup {
             Setup::Persistent => "apilb::check, one kept-alive TLS connection, verified, client cert",
             Setup::Backstop => {
                 "measured: apilb::check as above + HAProxy backstop check every 30 s (checker: persistent), \
+                 both running"
+            }
+            Setup::Backstop60 => {
+                "measured: apilb::check as above + HAProxy backstop check every 60 s (checker: persistent), \
                  both running"
             }
         }
@@ -97,6 +106,7 @@ impl Setup {
             Setup::ApilbNow => "apilb-now",
             Setup::Persistent => "persistent",
             Setup::Backstop => "backstop",
+            Setup::Backstop60 => "backstop-60",
         }
     }
 
@@ -107,12 +117,17 @@ impl Setup {
 
     /// apilb's checkers check the nodes.
     fn checkers(self) -> bool {
-        matches!(self, Setup::Persistent | Setup::Backstop)
+        matches!(self, Setup::Persistent | Setup::Backstop | Setup::Backstop60)
     }
 
     /// apilb's config has `health.checker: persistent`.
-    fn persistent(self) -> bool {
-        self.checkers()
+    /// With the persistent checker: its `backstop_interval`.
+    fn backstop(self) -> Option<&'static str> {
+        match self {
+            Setup::Backstop60 => Some("60s"),
+            s if s.checkers() => Some("30s"),
+            _ => None,
+        }
     }
 }
 
@@ -205,12 +220,11 @@ fn etcd(work: &Work) -> Result<Proc, String> {
 /// apilb's config for checking etcd the way it checks an API server; with
 /// `persistent`, the settings docs/health-checks.md advises for 1 s
 /// detection with the persistent checker (rise 2, fall 1, backstop 30s).
-fn apilb_config(work: &Work, path: &str, persistent: bool) -> Result<(Config, Inputs), String> {
+fn apilb_config(work: &Work, path: &str, backstop: Option<&str>) -> Result<(Config, Inputs), String> {
     let d = work.dir.path().display();
-    let checker = if persistent {
-        "  rise: 2\n  fall: 1\n  checker: persistent\n  backstop_interval: 30s\n"
-    } else {
-        ""
+    let checker = match backstop {
+        Some(b) => format!("  rise: 2\n  fall: 1\n  checker: persistent\n  backstop_interval: {b}\n"),
+        None => String::new(),
     };
     let yaml = format!(
         "masters:\n  - {{name: etcd, address: \"127.0.0.1:{port}\"}}\n\
@@ -243,7 +257,7 @@ fn haproxy_configs(
             ),
             "check check-ssl verify none".to_owned(),
         ),
-        Setup::ApilbNow | Setup::Backstop => {
+        Setup::ApilbNow | Setup::Backstop | Setup::Backstop60 => {
             // apilb's render path: the CA copy and client bundle it writes,
             // the check it sends, the server options of server_params.
             // Backstop: the config has checker: persistent, so CheckPlan::new
@@ -387,7 +401,7 @@ async fn haproxy_servers(socks: &[PathBuf]) -> Vec<stat::ServerStat> {
 }
 
 async fn measure(setup: Setup, work: &Work, etcd: u32, path: &str, sizes: Sizes) -> Result<Measured, String> {
-    let (config, inputs) = apilb_config(work, path, setup.persistent())?;
+    let (config, inputs) = apilb_config(work, path, setup.backstop())?;
     // HAProxy first: its backstop checks are spread over their interval
     // from its start, so they are all running by the window.
     let (procs, socks, params) = if setup.haproxy() {
@@ -411,7 +425,7 @@ async fn measure(setup: Setup, work: &Work, etcd: u32, path: &str, sizes: Sizes)
     } else {
         checkers.iter().filter(|c| c.report().verdict.is_up()).count()
     };
-    let backstop_checked = (setup == Setup::Backstop)
+    let backstop_checked = matches!(setup, Setup::Backstop | Setup::Backstop60)
         .then(|| servers.iter().filter(|s| !s.check_status.is_empty() && s.check_status != "INI").count());
     drop(checkers);
     drop(procs);
@@ -452,7 +466,7 @@ async fn bench_inner(sizes: Sizes) -> Result<Value, String> {
     certs(work.dir.path())?;
     let etcd_proc = etcd(&work)?;
     let etcd_pid = etcd_proc.0.id();
-    let (config, inputs) = apilb_config(&work, "/health", false)?;
+    let (config, inputs) = apilb_config(&work, "/health", None)?;
     // Ready when apilb's own checker says so.
     {
         let tls = apilb::check::client_config(&inputs).map_err(|e| e.to_string())?;
@@ -496,7 +510,7 @@ async fn bench_inner(sizes: Sizes) -> Result<Value, String> {
 /// The four setups on one endpoint: the rounds, the table, the JSON.
 async fn one_path(work: &Work, etcd_pid: u32, path: &str, sizes: Sizes, idle: f64) -> Result<Value, String> {
     println!("### GET {path}\n");
-    let setups = [Setup::Seed004, Setup::ApilbNow, Setup::Persistent, Setup::Backstop];
+    let setups = [Setup::Seed004, Setup::ApilbNow, Setup::Persistent, Setup::Backstop, Setup::Backstop60];
     let mut samples: Vec<Vec<Measured>> = setups.iter().map(|_| Vec::new()).collect();
     for round in 0..sizes.rounds {
         for (i, s) in setups.iter().enumerate() {
