@@ -17,6 +17,7 @@ pub mod haproxy;
 pub mod http;
 pub mod inputs;
 pub mod layout;
+pub mod logging;
 pub mod manual;
 pub mod masters;
 pub mod metrics;

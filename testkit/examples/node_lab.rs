@@ -287,13 +287,7 @@ impl PacedLoad {
 
     async fn stop(self) -> LoadReport {
         let _ = self.stop.send(true);
-        let mut total = LoadReport::default();
-        for t in self.tasks {
-            if let Ok(r) = t.await {
-                total.merge(r);
-            }
-        }
-        total
+        LoadReport::sum(self.tasks).await
     }
 }
 

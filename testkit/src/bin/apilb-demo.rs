@@ -41,17 +41,7 @@ enum LogFormat {
 
 /// Logs to stderr as `apilb run` does; `APILB_LOG` overrides the filter.
 fn init_logging(format: LogFormat, default_filter: &str) {
-    use std::io::IsTerminal;
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("APILB_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
-    }
+    apilb::logging::init(format == LogFormat::Json, default_filter);
 }
 
 fn main() -> ExitCode {

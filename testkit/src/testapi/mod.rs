@@ -704,6 +704,18 @@ pub struct Success {
 }
 
 impl LoadReport {
+    /// Waits for every client task and adds up their reports (a task that
+    /// panicked counts nothing).
+    pub async fn sum(tasks: Vec<tokio::task::JoinHandle<LoadReport>>) -> LoadReport {
+        let mut total = LoadReport::default();
+        for t in tasks {
+            if let Ok(r) = t.await {
+                total.merge(r);
+            }
+        }
+        total
+    }
+
     /// Adds another client's report to this one.
     pub fn merge(&mut self, r: LoadReport) {
         self.ok += r.ok;
@@ -807,13 +819,7 @@ impl Load {
     /// Stops the clients and sums their reports.
     pub async fn stop(self) -> LoadReport {
         let _ = self.stop.send(true);
-        let mut total = LoadReport::default();
-        for t in self.tasks {
-            if let Ok(r) = t.await {
-                total.merge(r);
-            }
-        }
-        total
+        LoadReport::sum(self.tasks).await
     }
 }
 
