@@ -437,8 +437,7 @@ impl Metrics {
             ("wredis", raw.redispatches, &self.master_redispatches_total),
         ] {
             let prev = last.values.insert((master.to_owned(), server.to_owned(), name), value).unwrap_or(0);
-            let delta = if value >= prev { value - prev } else { value };
-            counter.with_label_values(&[master]).inc_by(delta);
+            counter.with_label_values(&[master]).inc_by(counted_since(value, prev));
         }
     }
 
@@ -487,6 +486,13 @@ impl Metrics {
         let _ = self.checker_tls_handshakes_total.remove_label_values(&[master]);
         let _ = self.checker_latency_seconds.remove_label_values(&[master]);
     }
+}
+
+/// What a source's running count `now` adds since it read `before`: a count
+/// smaller than before comes from a source that started over (a new
+/// HAProxy worker, a restarted checker), so all of it is new.
+pub fn counted_since(now: u64, before: u64) -> u64 {
+    if now >= before { now - before } else { now }
 }
 
 impl Default for Metrics {

@@ -383,7 +383,7 @@ impl Observer {
             // A restarted checker counts from zero: its counts are new.
             let (checks, handshakes) =
                 self.checker_counts.insert(r.name.clone(), (r.checks, r.handshakes)).unwrap_or((0, 0));
-            let delta = |now: u64, before: u64| if now >= before { now - before } else { now };
+            let delta = crate::metrics::counted_since;
             self.metrics.checker_checks_total.with_label_values(&[name]).inc_by(delta(r.checks, checks));
             self.metrics
                 .checker_tls_handshakes_total
